@@ -1,0 +1,103 @@
+"""One way to reach a URI: local paths, ``file://`` and ``s3://`` through fsspec (s3fs for S3).
+
+S3 uses the standard AWS configuration (env vars, profiles, instance roles); ``AWS_ENDPOINT_URL`` (or
+``AWS_ENDPOINT_URL_S3``) points it at an S3-compatible store such as MinIO or a loopback moto server.
+Every job and library function takes URIs and goes through here, so local and S3 behave the same.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import fsspec
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """A URI that cannot be read or written; the message is one line naming it."""
+
+
+def _s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return (fsspec filesystem, path inside it) for a local path, ``file://`` or ``s3://`` URI."""
+    if uri.startswith("s3://"):
+        import s3fs
+
+        endpoint = _s3_endpoint()
+        # skip_instance_cache: the endpoint comes from the environment, which tests (and users) may change.
+        fs = s3fs.S3FileSystem(
+            client_kwargs={"endpoint_url": endpoint} if endpoint else {}, skip_instance_cache=True
+        )
+        return fs, uri[len("s3://"):].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" in uri:
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+    return fsspec.filesystem("file"), os.path.abspath(uri)
+
+
+def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow filesystem for (Ray Data / pyarrow.parquet) readers and writers, wrapping the fsspec one."""
+    fs, path = filesystem(uri)
+    if uri.startswith("s3://"):
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    return pafs.LocalFileSystem(), path
+
+
+def join(uri: str, *parts: str) -> str:
+    out = uri.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"not found: {uri}") from None
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent and not is_remote(uri):
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if not is_remote(uri):
+        fs.makedirs(path, exist_ok=True)
+
+
+def resolve(base: str, location: str) -> str:
+    """A location relative to ``base`` (a catalogue root), or an absolute URI / path as it is."""
+    if "://" in location or location.startswith("/"):
+        return location
+    return join(base, location)
