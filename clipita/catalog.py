@@ -101,9 +101,9 @@ def _cast_column(table: pa.Table, name: str) -> tuple[pa.Array | None, str | Non
         return None, f"{name} has type {col.type}, expected {want}"
 
 
-def validate(table: pa.Table, source: str, duplicates: dict[str, int]) -> tuple[pa.Table, pa.Table]:
-    """Split one file's rows into (usable rows in SCHEMA, quarantine rows). ``duplicates``: id -> row count for
-    ids that appear more than once in the whole catalogue."""
+def validate(table: pa.Table, source: str, duplicates: dict[str, int], offset: int = 0) -> tuple[pa.Table, pa.Table]:
+    """Split rows of one file into (usable rows in SCHEMA, quarantine rows). ``duplicates``: id -> row count for
+    ids that appear more than once in the whole catalogue; ``offset``: row number of the first row in its file."""
     cols, bad_type = {}, None
     for name in COLUMNS:
         cols[name], reason = _cast_column(table, name)
@@ -111,7 +111,7 @@ def validate(table: pa.Table, source: str, duplicates: dict[str, int]) -> tuple[
     ids = _ids(table)
     if bad_type:
         q = {"product_id": ids, "reason": [f"{bad_type} (file {source.rsplit('/', 1)[-1]})"] * len(ids),
-             "source": [f"{source}#{i}" for i in range(len(ids))]}
+             "source": [f"{source}#{offset + i}" for i in range(len(ids))]}
         return SCHEMA.empty_table(), pa.table(q, schema=QUARANTINE_SCHEMA)
 
     titles = cols["title"].to_pylist()
@@ -137,7 +137,7 @@ def validate(table: pa.Table, source: str, duplicates: dict[str, int]) -> tuple[
         if reason:
             quarantine["product_id"].append(pid)
             quarantine["reason"].append(reason)
-            quarantine["source"].append(f"{source}#{i}")
+            quarantine["source"].append(f"{source}#{offset + i}")
             continue
         good["product_id"].append(pid)
         good["title"].append(titles[i] or "")

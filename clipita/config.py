@@ -35,11 +35,13 @@ class DataConfig:
     seed: int = 0  # seeds the split and the random node of the "all" setting
     val_fraction: float = 0.1  # share of products in the validation split
     test_fraction: float = 0.1  # share of products in the test split
+    unseen_fraction: float = 0.0  # categories held out of training whole, per depth (0: the paper's random split)
     query_text: str = "name"  # "name" (the paper: last path element) or "path" ("Women > Shoes > Boots")
 
     def __post_init__(self) -> None:
         _check_range("data.val_fraction", self.val_fraction, 0.0, 0.9)
         _check_range("data.test_fraction", self.test_fraction, 0.0, 0.9)
+        _check_range("data.unseen_fraction", self.unseen_fraction, 0.0, 0.5)
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ConfigError("data.val_fraction + data.test_fraction must be below 1")
         _check_choice("data.query_text", self.query_text, ("name", "path"))
@@ -65,9 +67,92 @@ class EncoderConfig:
 
 
 @dataclass(frozen=True)
+class EmbedConfig:
+    """jobs.embed: how the catalogue streams through the encoders (Ray Data)."""
+
+    part_rows: int = 512  # products per output part: the unit of work, of output files and of resume
+    batch_size: int = 64  # products per encoder call
+    min_actors: int = 1  # encoder actor pool autoscales between min_actors and max_actors
+    max_actors: int = 1
+    gpus_per_actor: float = 0.0  # 0 runs the encoders on CPU; 1 pins one GPU per actor
+    cpus_per_actor: float = 1.0  # also the torch thread count of a CPU actor
+    read_workers: int = 4  # most CPU read/decode workers at once (each one CPU)
+    fetch_threads: int = 16  # concurrent image reads per read worker (hides object-storage latency)
+    max_image_bytes: int = 20_000_000  # larger image files are quarantined unread
+    dtype: str = "float16"  # stored embedding precision: float16 (half the bytes) or float32
+
+    def __post_init__(self) -> None:
+        for name in ("part_rows", "batch_size", "min_actors", "max_actors", "read_workers", "fetch_threads",
+                     "max_image_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"embed.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_actors < self.min_actors:
+            raise ConfigError("embed.max_actors must be >= embed.min_actors")
+        _check_range("embed.gpus_per_actor", self.gpus_per_actor, 0.0, 8.0)
+        _check_range("embed.cpus_per_actor", self.cpus_per_actor, 0.0, 64.0)
+        _check_choice("embed.dtype", self.dtype, ("float16", "float32"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """jobs.train: contrastive training of the heads (PAPER.md defaults), with Ray Train."""
+
+    epochs: int = 30  # the paper trains 30 epochs
+    batch_size: int = 0  # per worker; 0 = the paper's: 8 for the general setting, 128 otherwise
+    lr: float = 1e-4  # AdamW learning rate (not in the paper)
+    weight_decay: float = 0.01  # AdamW decay on weight matrices only
+    lam: float = 0.5  # λ: weight of the product->category direction of the loss
+    tau: float = 1.0  # τ: the paper fixes 1 (a flat softmax); CLIP learns it from 0.07
+    learnable_tau: bool = False  # learn τ as CLIP does
+    label_mask: bool = False  # e-CLIP: same-category rows in a batch are not negatives
+    hidden_dim: int = 1024  # width of both hidden layers of each head
+    output_dim: int = 512  # width of the joint space
+    dropout: float = 0.0
+    workers: int = 1  # Ray Train workers (data parallel); the loss sees the gathered global batch
+    use_gpu: bool = False  # one GPU per worker, bf16 autocast
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    seed: int = 0  # model init and per-epoch shuffling
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "workers", "hidden_dim", "output_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 0 or self.batch_size == 1:
+            raise ConfigError(f"train.batch_size must be 0 (paper default) or at least 2, got {self.batch_size}")
+        _check_range("train.lam", self.lam, 0.0, 1.0)
+        _check_range("train.tau", self.tau, 0.01, 100.0)
+        _check_range("train.lr", self.lr, 0.0, 1.0)
+        _check_range("train.dropout", self.dropout, 0.0, 0.99)
+        _check_range("train.max_failures", self.max_failures, 0, 1000)
+
+    def batch_for(self, setting: str) -> int:
+        return self.batch_size or (8 if setting == "general" else 128)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """jobs.index: USearch HNSW shards of product vectors."""
+
+    shards: int = 4  # shards per model, built in parallel (one Ray task each)
+    dtype: str = "f32"  # stored vector precision: f32 | f16 | i8 (USearch quantisation)
+    connectivity: int = 16  # HNSW M: graph degree
+    expansion_add: int = 128  # HNSW ef at build time
+    expansion_search: int = 256  # HNSW ef at query time (at least k)
+
+    def __post_init__(self) -> None:
+        for name in ("shards", "connectivity", "expansion_add", "expansion_search"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"index.{name} must be at least 1, got {getattr(self, name)}")
+        _check_choice("index.dtype", self.dtype, ("f32", "f16", "i8"))
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:

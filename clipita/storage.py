@@ -6,6 +6,7 @@ Every job and library function takes URIs and goes through here, so local and S3
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -22,6 +23,15 @@ def _s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+@functools.lru_cache(maxsize=8)
+def _s3(endpoint: str | None) -> fsspec.AbstractFileSystem:
+    """One client per endpoint and process: creating one costs milliseconds, and a job reads many images."""
+    import s3fs
+
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else {},
+                             skip_instance_cache=True)
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
@@ -29,14 +39,7 @@ def is_remote(uri: str) -> bool:
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return (fsspec filesystem, path inside it) for a local path, ``file://`` or ``s3://`` URI."""
     if uri.startswith("s3://"):
-        import s3fs
-
-        endpoint = _s3_endpoint()
-        # skip_instance_cache: the endpoint comes from the environment, which tests (and users) may change.
-        fs = s3fs.S3FileSystem(
-            client_kwargs={"endpoint_url": endpoint} if endpoint else {}, skip_instance_cache=True
-        )
-        return fs, uri[len("s3://"):].rstrip("/")
+        return _s3(_s3_endpoint()), uri[len("s3://"):].rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if "://" in uri:

@@ -7,7 +7,8 @@ Decisions later stages rely on:
   row order and catalogue growth, and computable one row at a time inside a streaming job.
   ``all`` = one node of the path chosen by that hash; ``general`` = the root; ``specific`` = the deepest node.
 - Split: train / val / test by the hash's uniform value against (1 - val - test, 1 - test) cut points.
-- Unseen categories: test-split labels in a setting that no train-split product has in that setting.
+- Unseen categories: test-split labels in a setting that no train-split product has in that setting. Optionally
+  (``data.unseen_fraction``) whole categories are held out of training, so that every setting has some.
 """
 from __future__ import annotations
 
@@ -77,10 +78,33 @@ class Labels:
         return set(lab[self.split == "test"]) - set(lab[self.split == "train"])
 
 
+def holdout_nodes(paths: Sequence[Sequence[str]], fraction: float, seed: int = 0) -> set[str]:
+    """Categories held out of training whole: at every depth, ``fraction`` of the nodes not already under a held
+    node (at least one where a depth has two or more), chosen by the seeded hash. Their products all go to the
+    test split, so every setting has unseen categories to measure (the product promise: categories never seen
+    in training)."""
+    if fraction <= 0:
+        return set()
+    tree = CategoryTree(paths)
+    held: set[str] = set()
+    for depth in range(1, max((n.depth for n in tree.nodes.values()), default=0) + 1):
+        free = [c for c, n in tree.nodes.items() if n.depth == depth and not (set(tree.ancestors(c)) & held)]
+        if len(free) < 2:
+            continue
+        free.sort(key=lambda c: unit_hash(seed, "holdout", c))
+        held.update(free[: max(1, round(fraction * len(free)))])
+    return held
+
+
 def assign_labels(product_ids: Sequence[str], paths: Sequence[Sequence[str]], seed: int = 0,
-                  val_fraction: float = 0.1, test_fraction: float = 0.1) -> Labels:
+                  val_fraction: float = 0.1, test_fraction: float = 0.1, unseen_fraction: float = 0.0) -> Labels:
     ids = np.asarray(list(product_ids), dtype=object)
     split = np.array([split_of(p, seed, val_fraction, test_fraction) for p in ids], dtype=object)
+    held = holdout_nodes(paths, unseen_fraction, seed)
+    if held:
+        for i, path in enumerate(paths):
+            if any(category_id(path[:d]) in held for d in range(1, len(path) + 1)):
+                split[i] = "test"
     out = Labels(ids, split)
     for s in SETTINGS:
         out.by_setting[s] = np.array([label(path, s, p, seed) for p, path in zip(ids, paths)], dtype=object)

@@ -69,8 +69,9 @@ def s3_bucket(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole test session (ray.init costs ~5 s on this machine)."""
+def ray_session(s3_endpoint):
+    """One local Ray for the whole test session (ray.init costs ~5 s on this machine). Started after the S3
+    server so that its workers inherit the AWS_* environment, as a user's would."""
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
@@ -81,3 +82,27 @@ def ray_session():
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+DEMO_SETTINGS = {"data.unseen_fraction": 0.1, "embed.part_rows": 128, "embed.batch_size": 64}
+
+
+@pytest.fixture(scope="session")
+def embedded_workdir(ray_session, tmp_path_factory):
+    """A synthetic catalogue of 600 products run through jobs.embed with the offline encoders (~30 s, once)."""
+    from clipita.config import load_config
+    from clipita.embed import run_embed
+    from clipita.synth import write_catalog
+
+    base = tmp_path_factory.mktemp("demo")
+    write_catalog(str(base / "catalog"), 600, seed=7, workers=1, progress=False)
+    workdir = str(base / "work")
+    run_embed(str(base / "catalog"), workdir, load_config(OFFLINE_CONFIG, DEMO_SETTINGS), log=lambda *_: None)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def demo_config():
+    from clipita.config import load_config
+
+    return load_config(OFFLINE_CONFIG, DEMO_SETTINGS)

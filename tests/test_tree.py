@@ -53,3 +53,17 @@ def test_assign_labels_and_unseen():
     unseen = labs.unseen("general")
     assert ("Garden" in unseen) == ("train" not in garden_splits and "test" in garden_splits)
     assert "Men" not in unseen
+
+
+def test_held_out_categories_are_unseen_in_every_setting():
+    paths = [[r, m, leaf] for r in "ABCD" for m in ("x", "y", "z") for leaf in ("1", "2", "3")]
+    ids = [f"p{i}" for i in range(2000)]
+    prods = [paths[i % len(paths)] for i in range(2000)]
+    labs = assign_labels(ids, prods, seed=0, unseen_fraction=0.1)
+    for setting in ("all", "general", "specific"):
+        assert labs.unseen(setting), setting
+    # a held-out root takes its whole subtree out of training
+    general = labs.by_setting["general"]
+    held_roots = [r for r in "ABCD" if r in labs.unseen("general")]
+    assert held_roots and all(set(labs.split[general == r]) == {"test"} for r in held_roots)
+    assert assign_labels(ids, prods, seed=0).unseen("general") == set()  # off by default

@@ -1,0 +1,195 @@
+"""One interface for all six models: score category queries against products, return ranked products.
+
+    bm25      BM25 (rank_bm25 Okapi) over product titles; query = category text
+    mpnet     zero-shot sentence encoder: title embedding vs category-text embedding (cosine)
+    clip      zero-shot CLIP: image embedding vs CLIP text embedding of the prompted category text
+    clip-i    trained heads over [image]                      (PAPER.md ablations)
+    clip-ia   trained heads over [image, attributes]
+    clip-ita  trained heads over [image, title, attributes]
+
+Dense models (all but bm25) also expose ``product_vectors`` / ``query_vectors`` (unit norm, cosine = dot), which
+is what the USearch index stores; evaluation and serving call ``rank`` / ``scores`` and never branch on the model.
+
+BM25 tokenisation: lower-cased Unicode word characters (``\\w+``), no stemming, no stop words: titles and category
+names are short, and the paper's BM25 baseline states no more.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipita.features import Categories, Products
+from clipita.metrics import rank_scores
+
+BASELINES = ("bm25", "mpnet", "clip")
+TRAINED = ("clip-i", "clip-ia", "clip-ita")
+MODELS = BASELINES + TRAINED
+VARIANT_OF = {"clip-i": "i", "clip-ia": "ia", "clip-ita": "ita"}
+
+
+@dataclass
+class Queries:
+    """Category queries: their text, and their embeddings where a model needs them."""
+
+    texts: list[str]
+    text: np.ndarray | None = None  # (Q, Dt) sentence-encoder embeddings
+    clip: np.ndarray | None = None  # (Q, Dc) CLIP text-tower embeddings
+
+    @classmethod
+    def from_categories(cls, categories: Categories, ids, mode: str = "name") -> "Queries":
+        """Queries for known categories, from the embeddings jobs.embed computed once."""
+        idx = categories.index(ids)
+        texts = [str(t) for t in (categories.names[idx] if mode == "name" else categories.ids[idx])]
+        return cls(texts, categories.text[mode][idx], categories.clip[mode][idx])
+
+
+class QueryEncoder:
+    """Embeds arbitrary query text (serving: categories never seen before) with the frozen encoders."""
+
+    def __init__(self, encoders):
+        from clipita.encoders import ImageEncoder, TextEncoder
+
+        self.text, self.clip, self.prompt = TextEncoder(encoders), ImageEncoder(encoders), encoders.clip_prompt
+
+    def __call__(self, texts: list[str]) -> Queries:
+        return Queries(list(texts), self.text.encode(list(texts)),
+                       self.clip.encode_text([self.prompt.format(t) for t in texts]))
+
+
+class Ranker:
+    name: str = ""
+
+    def scores(self, queries: Queries, products: Products) -> np.ndarray:
+        """(Q, N) float32, higher is better."""
+        raise NotImplementedError
+
+    def rank(self, queries: Queries, products: Products, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k product indices (Q, k) best first (ties: lower index first) and their scores."""
+        s = self.scores(queries, products)
+        idx = rank_scores(s, k)
+        return idx, np.take_along_axis(s, idx, axis=1)
+
+
+def _require(array: np.ndarray | None, what: str, model: str) -> np.ndarray:
+    if array is None:
+        raise ValueError(f"model {model} needs {what} embeddings of the queries")
+    return array
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(n == 0, 1, n)
+
+
+class DenseRanker(Ranker):
+    """Cosine similarity between query vectors and product vectors."""
+
+    def product_vectors(self, products: Products) -> np.ndarray:
+        raise NotImplementedError
+
+    def query_vectors(self, queries: Queries) -> np.ndarray:
+        raise NotImplementedError
+
+    def scores(self, queries: Queries, products: Products) -> np.ndarray:
+        return self.query_vectors(queries) @ self.product_vectors(products).T
+
+
+class MPNetRanker(DenseRanker):
+    name = "mpnet"
+
+    def product_vectors(self, products: Products) -> np.ndarray:
+        return _unit(products.title)
+
+    def query_vectors(self, queries: Queries) -> np.ndarray:
+        return _unit(_require(queries.text, "sentence-encoder", self.name))
+
+
+class ClipRanker(DenseRanker):
+    name = "clip"
+
+    def product_vectors(self, products: Products) -> np.ndarray:
+        return _unit(products.image)
+
+    def query_vectors(self, queries: Queries) -> np.ndarray:
+        return _unit(_require(queries.clip, "CLIP text", self.name))
+
+
+class HeadRanker(DenseRanker):
+    """A trained CLIP-I / CLIP-IA / CLIP-ITA model (clipita.model.ClipIta) applied to the frozen features."""
+
+    def __init__(self, model, batch_size: int = 4096):
+        self.model = model.eval()
+        self.name = "clip-" + model.config.variant
+        self.batch_size = batch_size
+
+    def _apply(self, fn, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        n = len(next(iter(inputs.values())))
+        out = []
+        with torch.inference_mode():
+            for s in range(0, n, self.batch_size):
+                out.append(fn({k: torch.from_numpy(np.ascontiguousarray(v[s:s + self.batch_size], np.float32))
+                               for k, v in inputs.items()}).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.config.output_dim), np.float32)
+
+    def product_vectors(self, products: Products) -> np.ndarray:
+        return self._apply(self.model.encode_products, products.tensors())
+
+    def query_vectors(self, queries: Queries) -> np.ndarray:
+        text = _require(queries.text, "sentence-encoder", self.name)
+        return self._apply(lambda b: self.model.encode_categories(b["category"]), {"category": text})
+
+
+def tokenize(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+class BM25Ranker(Ranker):
+    """BM25 Okapi over titles. The index is built once per product set (kept for the last set seen)."""
+
+    name = "bm25"
+
+    def __init__(self):
+        self._built_for: tuple[int, int] | None = None
+        self._bm25 = None
+
+    def _index(self, products: Products):
+        from rank_bm25 import BM25Okapi
+
+        key = (id(products), len(products))
+        if self._built_for != key:
+            # rank_bm25 divides by the mean document length: keep an empty title from making it zero.
+            docs = [tokenize(str(t)) or ["\x00"] for t in products.titles]
+            self._bm25, self._built_for = BM25Okapi(docs), key
+        return self._bm25
+
+    def scores(self, queries: Queries, products: Products) -> np.ndarray:
+        bm25 = self._index(products)
+        return np.stack([bm25.get_scores(tokenize(q)) for q in queries.texts]).astype(np.float32) \
+            if queries.texts else np.zeros((0, len(products)), np.float32)
+
+
+def load_ranker(workdir: str, model: str, setting: str | None = None) -> Ranker:
+    """Any of the six models; trained ones load the best checkpoint of (variant, setting) from the workdir."""
+    if model in BASELINES:
+        return baseline(model)
+    if model not in TRAINED:
+        raise ValueError(f"unknown model {model!r}: use one of {', '.join(MODELS)}")
+    from clipita.checkpoint import load_model
+    from clipita.training import best_checkpoint
+
+    return HeadRanker(load_model(best_checkpoint(workdir, VARIANT_OF[model], setting)))
+
+
+def baseline(name: str) -> Ranker:
+    if name == "bm25":
+        return BM25Ranker()
+    if name == "mpnet":
+        return MPNetRanker()
+    if name == "clip":
+        return ClipRanker()
+    raise ValueError(f"unknown baseline {name!r}: use one of {', '.join(BASELINES)}")

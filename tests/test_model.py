@@ -1,0 +1,219 @@
+"""ClipIta heads, the training step and checkpoints (local folder and a loopback S3 bucket)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clipita import storage
+from clipita.checkpoint import CheckpointError, load_metadata, load_model, load_optimizer, save_checkpoint
+from clipita.config import ConfigError
+from clipita.loss import ContrastiveLoss
+from clipita.model import MAX_LOGIT_SCALE, ClipIta, HeadConfig, evaluate_loss, make_optimizer, train_step
+
+DI, DT = 12, 10  # small image / text feature widths
+
+
+def small(variant: str = "ita", **kw) -> HeadConfig:
+    return HeadConfig(variant=variant, image_dim=DI, text_dim=DT, hidden_dim=32, output_dim=16, **kw)
+
+
+def random_batch(n: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randn(n, DI, generator=g), "title": torch.randn(n, DT, generator=g),
+            "attributes": torch.randn(n, DT, generator=g), "category": torch.randn(n, DT, generator=g),
+            "label": torch.randint(0, 4, (n,), generator=g)}
+
+
+@pytest.mark.parametrize("variant,uses", [("i", {"image"}), ("ia", {"image", "attributes"}),
+                                          ("ita", {"image", "title", "attributes"})])
+def test_shapes_norms_and_inputs_per_variant(variant, uses):
+    torch.manual_seed(0)
+    model = ClipIta(small(variant)).eval()
+    assert model.product_head.net[0].in_features == DI + (len(uses) - 1) * DT
+    batch = random_batch()
+    p, c = model(batch)
+    assert p.shape == c.shape == (8, 16)
+    torch.testing.assert_close(p.norm(dim=1), torch.ones(8))
+    torch.testing.assert_close(c.norm(dim=1), torch.ones(8))
+    for field in ("image", "title", "attributes"):
+        changed = dict(batch, **{field: batch[field] + 1.0})
+        assert (not torch.equal(model.encode_products(changed), p)) == (field in uses), field
+    assert torch.equal(model(dict(batch, image=batch["image"] + 1))[1], c)  # the category tower reads no product
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_only_heads_and_learnable_tau_train(learnable):
+    torch.manual_seed(0)
+    model = ClipIta(small(tau=0.5, learnable_tau=learnable))
+    trainable = {k for k, v in model.named_parameters() if v.requires_grad}
+    heads = {k for k in dict(model.named_parameters()) if k.startswith(("category_head.", "product_head."))}
+    assert trainable == heads | ({"logit_scale"} if learnable else set())
+    assert model.logit_scale.item() == pytest.approx(math.log(2))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    train_step(model, ContrastiveLoss(), make_optimizer(model, 1e-2, 0.1), random_batch())
+    moved = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert moved == trainable
+
+
+def test_optimizer_decays_only_weight_matrices():
+    model = ClipIta(small(learnable_tau=True))
+    decay, no_decay = make_optimizer(model, 1e-3, 0.2).param_groups
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    names = {id(v): k for k, v in model.named_parameters()}
+    assert {names[id(v)] for v in decay["params"]} == {
+        f"{head}.net.{i}.weight" for head in ("category_head", "product_head") for i in (0, 4, 8)}
+    assert "logit_scale" in {names[id(v)] for v in no_decay["params"]}
+
+
+def test_logit_scale_is_clamped_to_log_100():
+    model = ClipIta(small(learnable_tau=True))
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    train_step(model, ContrastiveLoss(), make_optimizer(model, 1e-3, 0.0), random_batch())
+    assert model.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE)
+
+
+def test_bf16_autocast_step_matches_fp32_loss():
+    torch.manual_seed(0)
+    model = ClipIta(small())
+    batch = random_batch()
+    fp32 = evaluate_loss(model, ContrastiveLoss(), [batch])
+    bf16 = train_step(model, ContrastiveLoss(), make_optimizer(model, 1e-3, 0.0), batch,
+                      autocast_dtype=torch.bfloat16)
+    assert bf16 == pytest.approx(fp32, abs=2e-2)
+
+
+def test_evaluate_loss_is_deterministic_and_keeps_the_mode():
+    torch.manual_seed(0)
+    model = ClipIta(small(dropout=0.5)).train()
+    batches = [random_batch(8, seed=1), random_batch(4, seed=2)]
+    loss_fn = ContrastiveLoss()
+    got = evaluate_loss(model, loss_fn, batches)
+    assert model.training
+    model.eval()
+    with torch.no_grad():  # per-row mean: the batch of 8 weighs twice the batch of 4
+        want = sum(loss_fn(*model(b), model.logit_scale).item() * len(b["label"]) for b in batches) / 12
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_bad_config_and_features_fail_in_one_line():
+    for kw, msg in [(dict(variant="itx"), "head.variant must be one of i, ia, ita"),
+                    (dict(hidden_dim=0), "head.hidden_dim must be a positive integer"),
+                    (dict(tau=0.001), "head.tau must be at least 0.01"),
+                    (dict(dropout=1.0), "head.dropout must be in")]:
+        with pytest.raises(ConfigError, match=msg) as e:
+            HeadConfig(**kw)
+        assert "\n" not in str(e.value)
+    model = ClipIta(small())
+    with pytest.raises(ValueError, match=r"title features have shape \(8, 3\), the model expects \(batch, 10\)"):
+        model(dict(random_batch(), title=torch.zeros(8, 3)))
+    with pytest.raises(ValueError, match="batch has no 'attributes' features"):
+        model.encode_products({"image": torch.zeros(2, DI), "title": torch.zeros(2, DT)})
+
+
+def test_learns_a_synthetic_category_problem():
+    """Products are noisy linear images of their category's text embedding (a different map per field): the
+    heads must learn to undo the maps. Retrieval of the right category among 16 goes from chance to near 1."""
+    g = torch.Generator().manual_seed(0)
+    k, n_train, n_test = 16, 1024, 256
+    categories = torch.randn(k, DT, generator=g)
+    maps = {"image": torch.randn(DT, DI, generator=g), "title": torch.randn(DT, DT, generator=g),
+            "attributes": torch.randn(DT, DT, generator=g)}
+
+    def products(n: int) -> dict[str, torch.Tensor]:
+        label = torch.randint(0, k, (n,), generator=g)
+        batch = {f: categories[label] @ m + 0.5 * torch.randn(n, m.shape[1], generator=g) for f, m in maps.items()}
+        return dict(batch, category=categories[label], label=label)
+
+    train, test = products(n_train), products(n_test)
+    torch.manual_seed(0)
+    model = ClipIta(small())
+    loss_fn = ContrastiveLoss(label_mask=True)
+    optimizer = make_optimizer(model, 3e-3, 0.01)
+
+    def top1() -> float:
+        with torch.no_grad():
+            scores = model.encode_products(test) @ model.encode_categories(categories).T
+        return (scores.argmax(1) == test["label"]).float().mean().item()
+
+    loss_before, acc_before = evaluate_loss(model, loss_fn, [test]), top1()
+    for _ in range(300):
+        rows = torch.randint(0, n_train, (64,), generator=g)
+        train_step(model, loss_fn, optimizer, {f: v[rows] for f, v in train.items()})
+    loss_after, acc_after = evaluate_loss(model, loss_fn, [test]), top1()
+    assert acc_before < 0.3 and acc_after > 0.9, (acc_before, acc_after)  # chance: 1/16
+    assert loss_after < loss_before - 0.3, (loss_before, loss_after)
+
+
+def _trained(steps: int = 3):
+    torch.manual_seed(0)
+    model = ClipIta(small("ia", learnable_tau=True, tau=0.1))
+    optimizer = make_optimizer(model, 1e-2, 0.1)
+    for s in range(steps):
+        train_step(model, ContrastiveLoss(), optimizer, random_batch(seed=s))
+    return model, optimizer
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_checkpoint_round_trip(where, tmp_path, request):
+    uri = str(tmp_path / "ckpt") if where == "local" else request.getfixturevalue("s3_bucket") + "/runs/ckpt"
+    model, optimizer = _trained()
+    save_checkpoint(uri, model, optimizer, metadata={"epoch": 3, "val_loss": 1.25})
+
+    loaded = load_model(uri)
+    assert loaded.config == model.config and load_metadata(uri) == {"epoch": 3, "val_loss": 1.25}
+    batch = random_batch(seed=9)
+    model.eval()
+    for a, b in zip(model(batch), loaded(batch)):
+        assert torch.equal(a, b)
+    loaded_opt = make_optimizer(loaded, 1e-2, 0.1)
+    load_optimizer(uri, loaded_opt)
+    want, got = optimizer.state_dict(), loaded_opt.state_dict()
+    assert want["param_groups"] == got["param_groups"] and want["state"].keys() == got["state"].keys()
+    for i, state in want["state"].items():
+        for key, value in state.items():
+            assert torch.equal(got["state"][i][key], value), (i, key)
+    # The resumed run continues exactly where the original would have gone.
+    for m, o in ((model, optimizer), (loaded, loaded_opt)):
+        train_step(m, ContrastiveLoss(), o, random_batch(seed=10))
+    for a, b in zip(model.parameters(), loaded.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_broken_checkpoints_fail_in_one_line(tmp_path):
+    model, optimizer = _trained(1)
+    good = str(tmp_path / "good")
+    save_checkpoint(good, model, optimizer)
+
+    def broken(name: str, edit) -> str:
+        uri = str(tmp_path / name)
+        for f in ("model.safetensors", "optimizer.pt", "config.json"):
+            storage.write_bytes(f"{uri}/{f}", storage.read_bytes(f"{good}/{f}"))
+        edit(uri)
+        return uri
+
+    other_variant = broken("variant", lambda u: storage.write_json(
+        f"{u}/config.json", {"head": dict(storage.read_json(f"{u}/config.json")["head"], variant="ita")}))
+    cases = [
+        (lambda: load_model(str(tmp_path / "missing")), "no checkpoint at .*config.json not found"),
+        (lambda: load_model(broken("garbage", lambda u: storage.write_bytes(f"{u}/model.safetensors", b"\x00" * 64))),
+         "model.safetensors is corrupt"),
+        (lambda: load_model(broken("truncated", lambda u: storage.write_bytes(
+            f"{u}/model.safetensors", storage.read_bytes(f"{u}/model.safetensors")[:-100]))),
+         "model.safetensors is corrupt"),
+        (lambda: load_model(other_variant), "model.safetensors does not match config.json"),
+        (lambda: load_model(broken("json", lambda u: storage.write_bytes(f"{u}/config.json", b"{not json"))),
+         "config.json is not valid JSON"),
+        (lambda: load_model(broken("field", lambda u: storage.write_json(
+            f"{u}/config.json", {"head": {"variant": "ita", "widths": 3}}))), "unknown key head.widths"),
+        (lambda: load_optimizer(good, make_optimizer(ClipIta(small("ia")), 1e-2, 0.1)),  # tau fixed: 1 group short
+         "optimizer.pt cannot be loaded"),
+        (lambda: load_optimizer(broken("opt", lambda u: storage.write_bytes(f"{u}/optimizer.pt", b"junk")),
+                                optimizer), "optimizer.pt cannot be loaded"),
+    ]
+    for call, msg in cases:
+        with pytest.raises(CheckpointError, match=msg) as e:
+            call()
+        assert "\n" not in str(e.value), str(e.value)
