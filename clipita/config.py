@@ -108,15 +108,16 @@ class TrainConfig:
     hidden_dim: int = 1024  # width of both hidden layers of each head
     output_dim: int = 512  # width of the joint space
     dropout: float = 0.0
-    workers: int = 1  # Ray Train workers (data parallel); the loss sees the gathered global batch
+    workers: int = 1  # Ray Train workers (data parallel; the loss sees the gathered global batch); 0 = in-process
     use_gpu: bool = False  # one GPU per worker, bf16 autocast
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     seed: int = 0  # model init and per-epoch shuffling
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "workers", "hidden_dim", "output_dim"):
+        for name in ("epochs", "hidden_dim", "output_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        _check_range("train.workers", self.workers, 0, 10000)
         if self.batch_size < 0 or self.batch_size == 1:
             raise ConfigError(f"train.batch_size must be 0 (paper default) or at least 2, got {self.batch_size}")
         _check_range("train.lam", self.lam, 0.0, 1.0)

@@ -143,7 +143,8 @@ def train_loop(config: dict) -> dict:
         selection = val_loss if val else train_loss.item()  # no val split: select on the training loss
         history.append({"epoch": epoch + 1, "train_loss": train_loss.item(), "val_loss": val_loss,
                         "seconds": round(seconds, 3), "samples_per_s": round(steps * global_batch / seconds, 1),
-                        "tau": float(1 / inner.logit_scale.exp())})
+                        "tau": float(1 / inner.logit_scale.exp()),
+                        "attempt_start_epoch": start})  # where this (possibly restarted) worker group began
         improved = selection < best
         best = min(best, selection)
         metrics = dict(history[-1], best=best)
@@ -186,7 +187,7 @@ def train(workdir: str, variant: str, setting: str, cfg: Config, log=print,
     val_arrays = split_arrays(products, labels, categories, setting, "val", cfg.data.query_text)
     batch = tc.batch_for(setting)
     n = len(train_arrays["label"])
-    if n < batch * tc.workers:
+    if n < batch * max(1, tc.workers):
         raise ValueError(f"train split of {setting} has {n} products, fewer than one global batch "
                          f"({tc.workers} workers x {batch}); lower train.batch_size or add products")
     head = HeadConfig(variant=variant, image_dim=products.image.shape[1], text_dim=products.title.shape[1],

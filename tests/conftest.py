@@ -106,3 +106,22 @@ def demo_config():
     from clipita.config import load_config
 
     return load_config(OFFLINE_CONFIG, DEMO_SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(embedded_workdir, tmp_path_factory):
+    """embedded_workdir's features with all nine heads trained in-process (Ray Train local mode), indexed."""
+    import shutil
+
+    from clipita.config import load_config
+    from clipita.index import build_indexes
+    from clipita.training import train
+
+    workdir = str(tmp_path_factory.mktemp("trained"))
+    shutil.copytree(f"{embedded_workdir}/features", f"{workdir}/features")
+    cfg = load_config(OFFLINE_CONFIG, {**DEMO_SETTINGS, "train.workers": 0, "train.epochs": 10})
+    for setting in ("all", "general", "specific"):
+        for variant in ("i", "ia", "ita"):
+            train(workdir, variant, setting, cfg, log=lambda *_: None)
+    build_indexes(workdir, cfg, log=lambda *_: None)
+    return workdir
