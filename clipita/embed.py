@@ -14,7 +14,7 @@ Finally every category of the tree is embedded once (``features/categories.parqu
 """
 from __future__ import annotations
 
-import io
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -220,6 +220,8 @@ def embed_categories(workdir: str, cfg: Config) -> int:
     paths = read_parquet_dir(storage.join(features_dir(workdir), "products"), ["category_path"])
     tree = CategoryTree(paths.column("category_path").to_pylist())
     ids = sorted(tree.nodes)
+    if not ids:  # nothing usable was embedded: there is no tree to embed
+        return 0
     names = [query_text(c, "name") for c in ids]
     text, image = TextEncoder(cfg.encoders), ImageEncoder(cfg.encoders)
     prompt = cfg.encoders.clip_prompt
@@ -243,8 +245,14 @@ def run_embed(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
 
     t0 = time.time()
     ec = cfg.embed
+    catalog_root, workdir = storage.absolute(catalog_root), storage.absolute(workdir)
     parts, dups = plan_parts(catalog_root, ec.part_rows)
     storage.write_json(storage.join(workdir, "catalog.json"), {"catalog": catalog_root})
+    recorded = storage.join(features_dir(workdir), "encoders.json")
+    if storage.exists(recorded) and storage.read_json(recorded) != dataclasses.asdict(cfg.encoders):
+        raise ValueError(f"{workdir} holds features of other encoders ({recorded}): use a new workdir or the "
+                         f"same encoders config")
+    storage.write_json(recorded, dataclasses.asdict(cfg.encoders))  # serving embeds queries with the same ones
     done = finished_parts(workdir)
     todo = [p for p in parts if p.name not in done]
     log(f"embed: {len(parts)} parts ({sum(p.stop - p.start for p in parts)} rows) in {catalog_root}; "

@@ -86,6 +86,14 @@ def load_categories(workdir: str) -> Categories:
     )
 
 
+def recorded_encoders(workdir: str):
+    """The EncoderConfig jobs.embed used for this workdir's features (queries must be embedded alike)."""
+    from clipita.config import EncoderConfig, section_from_dict
+
+    return section_from_dict(EncoderConfig, storage.read_json(storage.join(features_dir(workdir), "encoders.json")),
+                             "encoders")
+
+
 def labels_for(products: Products, data: DataConfig) -> Labels:
     return assign_labels(products.ids, products.paths, data.seed, data.val_fraction, data.test_fraction,
                          data.unseen_fraction)

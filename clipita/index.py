@@ -181,6 +181,7 @@ def build_indexes(workdir: str, cfg, scopes=("test", "all"), log=print) -> dict:
 
     t0 = time.time()
     ic = cfg.index
+    workdir = storage.absolute(workdir)
     products = load_products(workdir)
     test = labels_for(products, cfg.data).split == "test"
     built = []

@@ -35,6 +35,8 @@ def start_ray() -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # A weight-loading progress bar per encoder actor drowns the job's own progress lines; workers inherit this.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if ray.is_initialized():
         return
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,

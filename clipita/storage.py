@@ -1,4 +1,4 @@
-"""One way to reach a URI: local paths, ``file://`` and ``s3://`` through fsspec (s3fs for S3).
+"""One way to reach a URI: local paths, ``file://``, ``s3://`` (s3fs) and, for reading images, ``http(s)://``.
 
 S3 uses the standard AWS configuration (env vars, profiles, instance roles); ``AWS_ENDPOINT_URL`` (or
 ``AWS_ENDPOINT_URL_S3``) points it at an S3-compatible store such as MinIO or a loopback moto server.
@@ -40,10 +40,12 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return (fsspec filesystem, path inside it) for a local path, ``file://`` or ``s3://`` URI."""
     if uri.startswith("s3://"):
         return _s3(_s3_endpoint()), uri[len("s3://"):].rstrip("/")
+    if uri.startswith(("http://", "https://")):  # read-only: image locations of catalogues such as XMarket
+        return fsspec.filesystem("http"), uri
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if "://" in uri:
-        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path, file://, s3:// or http(s)://")
     return fsspec.filesystem("file"), os.path.abspath(uri)
 
 
@@ -53,6 +55,13 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if uri.startswith("s3://"):
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
     return pafs.LocalFileSystem(), path
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray workers run in other working directories); URIs unchanged."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def join(uri: str, *parts: str) -> str:

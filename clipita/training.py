@@ -176,6 +176,7 @@ def train(workdir: str, variant: str, setting: str, cfg: Config, log=print,
     from ray.train.torch import TorchTrainer
 
     tc = cfg.train
+    workdir = storage.absolute(workdir)
     name, rd = run_name(variant, setting), run_dir(workdir, variant, setting)
     if finished(workdir, variant, setting, tc.epochs):
         log(f"train: {name} already has {tc.epochs} epochs in {rd}; not training again")

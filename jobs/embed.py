@@ -10,6 +10,7 @@ features/stats.json and catalog.json. A re-run skips finished parts (resume afte
 from __future__ import annotations
 
 import argparse
+import sys
 
 from clipita import embed, runtime
 
@@ -26,8 +27,9 @@ def main(argv: list[str] | None = None) -> None:
         stats = embed.run_embed(args.catalog, args.workdir, cfg)
         print(f"jobs.embed: {stats['read']} rows read, {stats['used']} embedded, {stats['quarantined']} "
               f"quarantined; {stats['seconds']} s, {stats['products_per_s']} products/s this run")
-        if stats["used"] == 0:
-            print("jobs.embed: error: no usable product in the catalogue", flush=True)
+        if stats["used"] == 0:  # the only failure that is not one row's problem: nothing could be used
+            print(f"jobs.embed: error: no usable product in {args.catalog}: see the reasons in "
+                  f"{args.workdir}/quarantine", file=sys.stderr)
             raise SystemExit(1)
 
 

@@ -110,3 +110,13 @@ def test_bad_arguments_fail_with_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("jobs.embed: error: no products.parquet")
     assert "Traceback" not in r.stderr
+
+
+def test_a_catalogue_with_no_usable_row_is_accounted_for(ray_session, tmp_path):
+    root = str(tmp_path / "catalog")
+    write_catalog(root, 20, seed=2, workers=1, progress=False)
+    table = pq.read_table(f"{root}/products.parquet")
+    pq.write_table(table.set_column(table.schema.get_field_index("category_path"), "category_path",
+                                    pa.array([[]] * 20, pa.list_(pa.string()))), f"{root}/products.parquet")
+    stats = run_embed(root, str(tmp_path / "work"), load_config(OFFLINE_CONFIG), log=lambda *_: None)
+    assert stats["used"] == 0 and stats["quarantined"] == 20 and stats["reasons"] == {"empty category_path": 20}

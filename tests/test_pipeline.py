@@ -1,0 +1,87 @@
+"""jobs.pipeline submitted with `ray job submit` to a real local cluster started by `ray start --head`."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clipita.synth import write_catalog
+from conftest import OFFLINE_CONFIG, ROOT, _free_port
+
+pytestmark = pytest.mark.slow
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def break_rows(root: str) -> int:
+    """Three rows a real feed would have: an undecodable image, a missing image file, an empty path."""
+    table = pq.read_table(f"{root}/products.parquet")
+    rows = table.to_pylist()
+    with open(f"{root}/{rows[0]['image']}", "wb") as f:
+        f.write(b"not an image")
+    os.remove(f"{root}/{rows[1]['image']}")
+    rows[2]["category_path"] = []
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), f"{root}/products.parquet")
+    return 3
+
+
+@pytest.fixture
+def cluster():
+    """A throwaway head node on loopback, in its own process group and temp dir (nothing else is touched)."""
+    temp = tempfile.mkdtemp(prefix="cr-", dir="/tmp")
+    port, dash = _free_port(), _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        os.killpg(head.pid, signal.SIGKILL)
+        pytest.fail("the Ray head did not start")
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_pipeline_via_ray_job_submit(cluster, tmp_path):
+    address, env = cluster
+    catalog, workdir = str(tmp_path / "catalog"), str(tmp_path / "work")
+    write_catalog(catalog, 240, seed=3, workers=1, progress=False)
+    broken = break_rows(catalog)
+    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
+    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", ROOT,
+           "--runtime-env-json", json.dumps(runtime_env), "--",
+           "python", "-m", "jobs.pipeline", "--catalog", catalog, "--workdir", workdir, "--config", OFFLINE_CONFIG,
+           "--set", "train.epochs=2", "--set", "train.workers=1", "--set", "data.unseen_fraction=0.1",
+           "--set", "embed.part_rows=64"]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout + done.stderr
+
+    rows = json.load(open(f"{workdir}/metrics.json"))
+    models = {r["model"] for r in rows}
+    assert models == {"bm25", "mpnet", "clip", "clip-i", "clip-ia", "clip-ita"}
+    assert {r["setting"] for r in rows} == {"all", "general", "specific"}
+    summary = json.load(open(f"{workdir}/pipeline.json"))
+    assert summary["products_read"] == 240 and summary["quarantined"] == broken
+    assert set(summary["seconds"]) >= {"embed", "train", "index", "evaluate", "total"}
+    assert os.path.exists(f"{workdir}/metrics.png") and os.path.exists(f"{workdir}/metrics.md")
