@@ -120,9 +120,12 @@ class ShardedIndex:
             return storage.filesystem(uri)[1]
         folder = cache_dir or os.path.join(tempfile.gettempdir(), "clipita-index")
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, hashlib.sha256(uri.encode()).hexdigest()[:16] + ".usearch")
-        with open(path, "wb") as f:
-            f.write(data)
+        path = os.path.join(folder, hashlib.sha256(data).hexdigest()[:24] + ".usearch")
+        if not os.path.exists(path):  # content-addressed: another replica may have it memory-mapped already
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)  # atomic: a reader never sees a half-written shard
         return path
 
     def __len__(self) -> int:
@@ -141,7 +144,8 @@ class ShardedIndex:
             m = shard.search(queries, min(k, len(shard)))
             kk = np.asarray(m.keys, dtype=np.int64).reshape(q, -1)
             dd = np.asarray(m.distances, dtype=np.float32).reshape(q, -1)
-            counts = np.asarray(m.counts).reshape(q)
+            # one query comes back as Matches (no .counts), several as BatchMatches
+            counts = np.asarray(getattr(m, "counts", [len(m.keys)])).reshape(q)
             valid = np.arange(kk.shape[1])[None, :] < counts[:, None]
             keys.append(np.where(valid, kk, -1))
             scores.append(np.where(valid, 1.0 - dd, -np.inf))

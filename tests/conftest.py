@@ -119,6 +119,7 @@ def trained_workdir(embedded_workdir, tmp_path_factory):
 
     workdir = str(tmp_path_factory.mktemp("trained"))
     shutil.copytree(f"{embedded_workdir}/features", f"{workdir}/features")
+    shutil.copy(f"{embedded_workdir}/catalog.json", f"{workdir}/catalog.json")
     cfg = load_config(OFFLINE_CONFIG, {**DEMO_SETTINGS, "train.workers": 0, "train.epochs": 10})
     for setting in ("all", "general", "specific"):
         for variant in ("i", "ia", "ita"):

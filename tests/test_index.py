@@ -31,6 +31,8 @@ def test_sharded_search_equals_exact_search(ray_session, tmp_path, request, wher
     assert np.array_equal(found.rows, exact)  # recall 1.0 with a large ef, same order
     np.testing.assert_allclose(found.scores, np.take_along_axis(queries @ vectors.T, exact, 1), atol=1e-5)
     assert list(index.ids[found.rows[0][:3]]) == [f"P{i}" for i in exact[0][:3]]
+    one = index.search(queries[0], 20, ef=3000)  # a single query (usearch answers it in another shape)
+    assert np.array_equal(one.rows[0], exact[0])
     more = index.search(queries[:2], 5000)  # k beyond the index: padded with -1
     assert (more.rows[:, :3000] >= 0).all() and (more.rows[:, 3000:] == -1).all()
 

@@ -1,0 +1,284 @@
+"""The query endpoint: Ray Serve application answering category -> product images over HTTP.
+
+    serve run serve/config.yaml                                   # workdir, host, port, autoscaling from the file
+    serve run serve.app:app workdir=demo-workdir [setting=all model=clip-ita batching=false]
+    curl '127.0.0.1:8000/search?category=Women%20>%20Shoes&k=10'
+
+Two deployments:
+- ``CategoryEncoder`` turns (query text, model) into the model's query vector. Requests are grouped by
+  ``@serve.batch``: one call of the frozen text encoders for the whole batch, then each model's head on its rows.
+  Categories of the tree reuse the embeddings jobs.embed computed (the vectors jobs.evaluate ranks with); any
+  other text is embedded live, since the models generalise to unseen categories.
+- ``SearchApi`` (FastAPI ingress) validates requests, resolves a category name or full path against the tree,
+  asks the encoder through a DeploymentHandle, searches the memory-mapped USearch index of all products
+  (``index/all/<group>``), and serves product images by product id from the catalogue's storage (local or s3).
+  bm25 has no vectors: it ranks the titles in the ingress.
+
+Every error is JSON ``{"error": ...}`` with a 4xx status (503 only when a backend replica fails).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, Query
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from clipita import storage
+from clipita.config import ConfigError, section_from_dict
+from clipita.index import group_dir, group_name
+from clipita.rankers import MODELS, TRAINED, Queries
+from clipita.tree import SEP, SETTINGS
+
+MAX_K = 1000  # DESIGN.md: k in 1..1000
+MAX_QUERY_CHARS = 512  # longer category text is refused (a category name is a few words)
+GALLERY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gallery.html")
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Application arguments (``args:`` in serve/config.yaml, or ``key=value`` after ``serve run serve.app:app``)."""
+
+    workdir: str = ""  # workdir URI with features/, checkpoints/ and index/all/ (required)
+    setting: str = "all"  # whose trained heads to serve: all | general | specific
+    model: str = "clip-ita"  # default model when a request names none
+    query_text: str = "name"  # text embedded for a tree category: its name (the paper) or its full path
+    ef: int = 256  # HNSW expansion at query time, as jobs.evaluate searches (index.expansion_search)
+    batching: bool = True  # group concurrent encoder calls with @serve.batch
+    max_batch_size: int = 32  # at most the encoder's max_ongoing_requests, or batches never fill
+    batch_wait_timeout_s: float = 0.005  # how long a first request waits for others to join its batch
+
+    def __post_init__(self):
+        if not self.workdir:
+            raise ConfigError("serve: workdir is required (serve run serve.app:app workdir=URI)")
+        if self.setting not in SETTINGS:
+            raise ConfigError(f"serve.setting must be one of {', '.join(SETTINGS)}, got {self.setting!r}")
+        if self.model not in MODELS:
+            raise ConfigError(f"serve.model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.query_text not in ("name", "path"):
+            raise ConfigError(f"serve.query_text must be name or path, got {self.query_text!r}")
+        if self.ef < 1 or self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
+            raise ConfigError("serve: ef and max_batch_size must be >= 1, batch_wait_timeout_s >= 0")
+
+
+def index_group(model: str, setting: str) -> str:
+    return group_name(model, setting if model in TRAINED else None)
+
+
+def served_models(cfg: ServeConfig) -> list[str]:
+    """bm25 always; a dense model when jobs.index built its all-products index."""
+    return [m for m in MODELS if m == "bm25" or storage.exists(
+        storage.join(group_dir(cfg.workdir, "all", index_group(m, cfg.setting)), "manifest.json"))]
+
+
+def sniff_image_type(data: bytes) -> str:
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+class CategoryEncoder:
+    """(query text, model) -> the model's unit query vector; loads the frozen encoders and heads once."""
+
+    def __init__(self, cfg: ServeConfig, models: list[str]):
+        from clipita.features import load_categories, recorded_encoders
+        from clipita.rankers import QueryEncoder, load_ranker
+
+        self.rankers = {m: load_ranker(cfg.workdir, m, cfg.setting) for m in models if m != "bm25"}
+        self.encoder = QueryEncoder(recorded_encoders(cfg.workdir))
+        cats = load_categories(cfg.workdir)
+        keys = cats.names if cfg.query_text == "name" else cats.ids
+        # Tree categories: the embeddings jobs.embed stored, so served rankings equal jobs.evaluate's.
+        self.known = {str(t): i for i, t in enumerate(keys)}
+        self.known_text, self.known_clip = cats.text[cfg.query_text], cats.clip[cfg.query_text]
+        self.batching = cfg.batching
+        self.encode_batch.set_max_batch_size(cfg.max_batch_size)
+        self.encode_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    def embed(self, items: list[tuple[str, str]]) -> list[np.ndarray]:
+        """Query vectors for a batch: each kind of text embedding is computed once, for the texts that need it."""
+        texts = [t for t, _ in items]
+        text = np.zeros((len(items), self.known_text.shape[1]), np.float32)
+        clip = np.zeros((len(items), self.known_clip.shape[1]), np.float32)
+        live_text, live_clip = [], []
+        for i, (t, model) in enumerate(items):
+            j = self.known.get(t)
+            if j is not None:
+                text[i], clip[i] = self.known_text[j], self.known_clip[j]
+            elif model == "clip":  # zero-shot CLIP reads only the CLIP text tower
+                live_clip.append(i)
+            else:
+                live_text.append(i)
+        if live_text:
+            text[live_text] = self.encoder.text.encode([texts[i] for i in live_text])
+        if live_clip:
+            clip[live_clip] = self.encoder.clip.encode_text([self.encoder.prompt.format(texts[i]) for i in live_clip])
+        out: list[np.ndarray] = [None] * len(items)  # type: ignore[list-item]
+        for model in {m for _, m in items}:
+            rows = [i for i, (_, m) in enumerate(items) if m == model]
+            vectors = self.rankers[model].query_vectors(Queries([texts[i] for i in rows], text[rows], clip[rows]))
+            for i, v in zip(rows, vectors):
+                out[i] = v
+        return out
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def encode_batch(self, texts: list[str], models: list[str]) -> list[np.ndarray]:
+        return self.embed(list(zip(texts, models)))
+
+    async def encode(self, text: str, model: str) -> np.ndarray:
+        if self.batching:
+            return await self.encode_batch(text, model)
+        return self.embed([(text, model)])[0]
+
+    def ready(self) -> dict:
+        return {"models": sorted(self.rankers), "known_queries": len(self.known)}
+
+
+# ------------------------------------------------------------------------------------------------ ingress
+
+api = FastAPI(title="clipita", description="Category-to-image retrieval (CLIP-ITA)", docs_url="/docs")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request, exc: StarletteHTTPException) -> JSONResponse:
+    return error(exc.status_code, str(exc.detail))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default is 422 {"detail": [...]}; the contract is {"error": "<one line>"}
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+    return error(422, f"{where}: {first.get('msg', 'invalid request')}")
+
+
+@serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class SearchApi:
+    """HTTP ingress: /search, /image/<product_id>, /healthz and the gallery page at /."""
+
+    def __init__(self, encoder: DeploymentHandle, cfg: ServeConfig, models: list[str]):
+        from clipita.embed import features_dir, read_parquet_dir
+        from clipita.features import Products
+        from clipita.index import ShardedIndex
+        from clipita.rankers import BM25Ranker
+        from clipita.tree import CategoryTree
+
+        t0 = time.time()
+        self.encoder, self.cfg, self.models = encoder, cfg, models
+        columns = ["product_id", "title", "image", "category_path"]
+        table = read_parquet_dir(storage.join(features_dir(cfg.workdir), "products"), columns).sort_by("product_id")
+        ids, titles, images, paths = (table.column(c).to_pylist() for c in columns)
+        self.products = {p: (t or "", im) for p, t, im in zip(ids, titles, images)}
+        self.tree = CategoryTree(paths)
+        self.catalog = storage.read_json(storage.join(cfg.workdir, "catalog.json"))["catalog"]
+        # memory-mapped (view=True): replicas on one machine share the pages of the shard files
+        self.indexes = {m: ShardedIndex(group_dir(cfg.workdir, "all", index_group(m, cfg.setting)), view=True)
+                        for m in models if m != "bm25"}
+        # BM25 ranks titles only: the embedding fields stay empty.
+        empty = np.zeros((len(ids), 0), np.float32)
+        self.titles = Products(np.asarray(ids, object), np.asarray(titles, object), np.asarray(images, object),
+                               paths, empty, empty, empty)
+        self.bm25 = BM25Ranker()
+        self.bm25.rank(Queries(["warm up"]), self.titles, 1)  # builds the BM25 statistics now, not on a request
+        with open(GALLERY, encoding="utf-8") as f:
+            self.page = f.read()
+        logger.info(f"clipita: {len(ids)} products, models {', '.join(models)}, {time.time() - t0:.1f} s")
+
+    def resolve(self, text: str) -> tuple[str, str, list[str]]:
+        """(category shown, text to embed, tree matches): a tree node by full path or name, else free text."""
+        matches = self.tree.find(text)
+        if matches:
+            cid = matches[0]
+            return cid, (cid.rsplit(SEP, 1)[-1] if self.cfg.query_text == "name" else cid), matches
+        parts = [p.strip() for p in text.split(">") if p.strip()] or [text]
+        return text, (parts[-1] if self.cfg.query_text == "name" else SEP.join(parts)), []
+
+    @api.get("/search")
+    async def search(self, category: str = Query(..., max_length=MAX_QUERY_CHARS),
+                     k: int = Query(10, ge=1, le=MAX_K), model: str | None = None):
+        text = category.strip()
+        if not text:
+            return error(400, "category must not be empty")
+        model = model or self.cfg.model
+        if model not in self.models:
+            return error(400, f"unknown model {model!r}: use one of {', '.join(self.models)}")
+        shown, query, matches = self.resolve(text)
+        try:
+            if model == "bm25":
+                rows, scores = await asyncio.to_thread(self.bm25.rank, Queries([query]), self.titles,
+                                                       min(k, len(self.titles)))
+                ids = self.titles.ids[rows[0]]
+            else:
+                vector = await self.encoder.encode.remote(query, model)
+                index = self.indexes[model]
+                found = index.search(vector, k, ef=max(self.cfg.ef, k))
+                keep = found.rows[0] >= 0
+                ids, scores = index.ids[found.rows[0][keep]], found.scores[:, keep]
+        except Exception as e:  # noqa: BLE001 - a failed replica is the service's fault, said as JSON
+            logger.exception("search failed")
+            return error(503, f"search failed: {type(e).__name__}")
+        return {"category": shown, "query": query, "matches": matches, "model": model,
+                "results": [{"product_id": p, "score": float(s), "title": self.products[p][0],
+                             "image": f"/image/{quote(p, safe='')}"} for p, s in zip(ids, scores[0])]}
+
+    @api.get("/image/{product_id:path}")
+    def image(self, product_id: str):
+        # Only catalogue products, looked up by id: the URL never becomes a path, so nothing else is reachable.
+        entry = self.products.get(product_id)
+        if entry is None:
+            return error(404, f"no product {product_id!r} in the catalogue")
+        try:
+            data = storage.read_bytes(storage.resolve(self.catalog, entry[1]))
+        except Exception:  # noqa: BLE001 - missing file, storage error: the image is not available
+            return error(404, f"the image of product {product_id!r} is not available")
+        return Response(data, media_type=sniff_image_type(data), headers={"Cache-Control": "max-age=3600"})
+
+    @api.get("/healthz")
+    async def healthz(self):
+        try:
+            encoder = await self.encoder.ready.remote()
+        except Exception as e:  # noqa: BLE001
+            return error(503, f"encoder not ready: {type(e).__name__}")
+        return {"status": "ok", "products": len(self.products), "models": self.models,
+                "default_model": self.cfg.model, "setting": self.cfg.setting, "encoder": encoder}
+
+    @api.get("/", response_class=HTMLResponse)
+    def gallery(self):
+        return HTMLResponse(self.page)
+
+
+def app(args: dict) -> serve.Application:
+    """Application builder: ``serve run serve.app:app workdir=URI`` or ``import_path: serve.app:app``."""
+    cfg = section_from_dict(ServeConfig, dict(args), "serve")
+    # replicas may run in another working directory than the one `serve run` was started in
+    cfg = dataclasses.replace(cfg, workdir=storage.absolute(cfg.workdir))
+    if not storage.exists(storage.join(cfg.workdir, "catalog.json")):
+        raise ConfigError(f"serve: {cfg.workdir} is not a workdir (no catalog.json): run jobs.embed first")
+    models = served_models(cfg)
+    if cfg.model not in models:
+        raise ConfigError(f"serve: no index for model {cfg.model} (setting {cfg.setting}) under "
+                          f"{cfg.workdir}/index/all: run jobs.train and jobs.index")
+    return SearchApi.bind(CategoryEncoder.bind(cfg, models), cfg, models)
