@@ -37,10 +37,16 @@ def cluster():
     """A throwaway head node on loopback, in its own process group and temp dir (nothing else is touched)."""
     temp = tempfile.mkdtemp(prefix="cr-", dir="/tmp")
     port, dash = _free_port(), _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    # as a user with the virtual environment activated: a job's `python` is the one on the head's PATH
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    # every port of its own: the test session's Ray already holds the default agent and metrics ports
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port")]
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                             f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats", *ports],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
@@ -56,7 +62,7 @@ def cluster():
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
     shutil.rmtree(temp, ignore_errors=True)
@@ -71,9 +77,13 @@ def test_pipeline_via_ray_job_submit(cluster, tmp_path):
     cmd = [RAY, "job", "submit", "--address", address, "--working-dir", ROOT,
            "--runtime-env-json", json.dumps(runtime_env), "--",
            "python", "-m", "jobs.pipeline", "--catalog", catalog, "--workdir", workdir, "--config", OFFLINE_CONFIG,
-           "--set", "train.epochs=2", "--set", "train.workers=1", "--set", "data.unseen_fraction=0.1",
+           "--set", "train.epochs=2", "--set", "train.workers=0", "--set", "train.batch_size=16", "--set", "data.unseen_fraction=0.1",
            "--set", "embed.part_rows=64"]
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    for _ in range(10):  # the dashboard answers a few seconds before its job agent accepts jobs
+        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        if "No available agent to submit job" not in done.stdout + done.stderr:
+            break
+        time.sleep(3)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout + done.stderr
 
