@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     args.set += [f"train.{k}={v}" for k, v in (("workers", args.workers), ("use_gpu", args.gpu or None))
                  if v is not None]
     with runtime.job("jobs.pipeline"):
+        args.workdir = storage.absolute(args.workdir)
         cfg = runtime.config_from_args(args)
         runtime.start_ray()
         seconds: dict[str, float] = {}
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"== {name}: {seconds[name]} s", flush=True)
             return out
 
-        catalog = args.catalog or storage.join(args.workdir, "catalog")
+        catalog = storage.absolute(args.catalog) if args.catalog else storage.join(args.workdir, "catalog")
         if args.catalog is None:
             if storage.exists(storage.join(catalog, "products.parquet")):
                 print(f"== synth: {catalog} exists; kept")
