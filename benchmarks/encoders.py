@@ -16,7 +16,6 @@ import argparse
 import datetime
 import io
 import os
-import platform
 import sys
 import time
 
@@ -28,6 +27,9 @@ from PIL import Image  # noqa: E402
 
 from clipita.config import ConfigError, load_config  # noqa: E402
 from clipita.encoders import EncoderLoadError, ImageEncoder, TextEncoder, image_preprocess_spec, load_image  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared machine.py beside this script
+from machine import cpu, torch_device  # noqa: E402
 
 WORDS = ("women's men's leather cotton running shoes boots dress shirt slim fit black red blue size pack of 2 "
          "wireless charger usb-c stainless steel kitchen knife set organic green tea 500g waterproof jacket "
@@ -68,14 +70,8 @@ def chunks(items, size: int) -> list:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}), {gpu}; torch {torch.__version__}"
+    return f"{cpu()}, {torch_device()}"
+
 
 
 def main() -> None:
