@@ -48,6 +48,8 @@ from clipita.config import ConfigError, load_config  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared machine.py beside this script
 from machine import cpu, torch_device  # noqa: E402
 
+from clipita.runtime import parse_overrides  # noqa: E402
+
 GOAL = 0.9  # the goal: the job reaches 0.9x the bare loop's throughput
 BENCH_KEYS = ("bench.ray_cpus", "bench.omp_threads")
 
@@ -55,16 +57,6 @@ BENCH_KEYS = ("bench.ray_cpus", "bench.omp_threads")
 def machine() -> str:
     return f"{cpu()}, {torch_device()}"
 
-
-
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must be SECTION.KEY=VALUE")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
 
 
 def catalogue(folder: str, n: int) -> str:

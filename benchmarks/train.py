@@ -48,6 +48,8 @@ from clipita.tree import CategoryTree  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared machine.py beside this script
 from machine import cpu, torch_device  # noqa: E402
 
+from clipita.runtime import parse_overrides  # noqa: E402
+
 GOAL = 0.9  # the goal: the 1-worker job reaches 0.9x the bare loop
 VARIANT, SETTING = "ita", "specific"
 BENCH_KEYS = ("bench.batch", "bench.ray_cpus", "bench.omp_threads")
@@ -56,16 +58,6 @@ BENCH_KEYS = ("bench.batch", "bench.ray_cpus", "bench.omp_threads")
 def machine() -> str:
     return f"{cpu()}, {torch_device()}"
 
-
-
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must be SECTION.KEY=VALUE")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -20,14 +20,19 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
                         help="override one config value, e.g. --set embed.batch_size=128 (repeatable)")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["embed.batch_size=128", ...]`` -> ``{"embed.batch_size": "128"}`` (load_config converts the types)."""
     overrides = {}
-    for item in args.set:
+    for item in items:
         if "=" not in item:
             raise ConfigError(f"--set {item!r} must be SECTION.KEY=VALUE")
         key, value = item.split("=", 1)
         overrides[key.strip()] = value.strip()
-    return load_config(args.config, overrides)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, parse_overrides(args.set))
 
 
 def start_ray() -> None:

@@ -15,6 +15,7 @@ Known limit: a catalogue whose features do not fit in one worker's memory needs 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -200,7 +201,7 @@ def train(workdir: str, variant: str, setting: str, cfg: Config, log=print,
     fs, path = storage.arrow_filesystem(storage.join(workdir, "checkpoints"))
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"train": _asdict(tc), "head": _asdict(head), "batch_size": batch, "name": name,
+        train_loop_config={"train": dataclasses.asdict(tc), "head": dataclasses.asdict(head), "batch_size": batch, "name": name,
                            "run_dir": rd, "fail_at_epoch": fail_at_epoch, "fail_marker": fail_marker},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu),
         run_config=ray.train.RunConfig(
@@ -219,12 +220,6 @@ def train(workdir: str, variant: str, setting: str, cfg: Config, log=print,
              "samples_per_s": float(np.median([h["samples_per_s"] for h in history]))}
     storage.write_json(storage.join(rd, "stats.json"), stats)
     return stats
-
-
-def _asdict(dc) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(dc)
 
 
 def write_curve_png(uri: str, history: list[dict], title: str) -> None:
