@@ -103,7 +103,9 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
         seen = np.isin(query_ids, list(set(labels.by_setting[setting][labels.split == "train"])))
         queries = Queries.from_categories(categories, query_ids, cfg.data.query_text)
         q_nodes = np.array([node_index[q] for q in query_ids], dtype=np.int64)
-        depth = max(10, int(n_rel.max()))
+        _, h_rel = hierarchy_relevance(np.zeros((len(q_nodes), 0), np.int64), ancestors, q_nodes)
+        # rank deep enough for R-precision under both relevances (R may exceed 10)
+        k = min(len(candidates), max(10, int(n_rel.max()), int(h_rel.max())))
         for model in MODELS:
             try:
                 ranker = load_ranker(workdir, model, setting)
@@ -113,12 +115,10 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
                     continue
                 raise
             name = group_name(model, setting if model in TRAINED else None)
-            k = min(len(candidates), max(depth, int(hierarchy_relevance(
-                np.zeros((len(q_nodes), 0), np.int64), ancestors, q_nodes)[1].max())))
             ranking, how, recall = _rank(ranker, queries, candidates, k, group_dir(workdir, "test", name),
                                          cfg.index.expansion_search)
             hits = hits_from_ranking(ranking, cand_labels, query_ids)
-            h_hits, h_rel = hierarchy_relevance(ranking, ancestors, q_nodes)
+            h_hits, _ = hierarchy_relevance(ranking, ancestors, q_nodes)
             for split in SPLITS:
                 sel = np.ones(len(query_ids), bool) if split == "all" else (seen if split == "seen" else ~seen)
                 m = retrieval_metrics(hits[sel], n_rel[sel])
