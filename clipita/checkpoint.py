@@ -65,6 +65,11 @@ def load_metadata(uri: str) -> dict[str, Any]:
     return _read_config(uri).get("metadata", {})
 
 
+def load_metadata_config(uri: str) -> dict[str, Any]:
+    """The HeadConfig fields saved with the checkpoint (widths, variant) without reading the weights."""
+    return _read_config(uri)["head"]
+
+
 def load_model(uri: str) -> ClipIta:
     """The ClipIta saved at ``uri``, rebuilt from its config.json, on CPU and in eval mode."""
     try:

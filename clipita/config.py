@@ -110,11 +110,17 @@ class TrainConfig:
     dropout: float = 0.0
     workers: int = 1  # Ray Train workers (data parallel; the loss sees the gathered global batch); 0 = in-process
     use_gpu: bool = False  # one GPU per worker, bf16 autocast
+    cpus_per_worker: float = 1.0  # CPUs a CPU worker reserves; also its torch thread count
+    checkpoint_every: int = 5  # epochs between last/ checkpoints (model + optimizer); also after the final epoch
+    cache_mb: int = 1024  # a worker keeps its train shard in memory when it fits, else re-reads it every epoch
+    shuffle_rows: int = 20000  # local shuffle buffer of a streamed (uncached) shard
+    val_rows: int = 20000  # most validation products (a seeded sample) worker 0 evaluates each epoch
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     seed: int = 0  # model init and per-epoch shuffling
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "hidden_dim", "output_dim"):
+        for name in ("epochs", "hidden_dim", "output_dim", "checkpoint_every", "cache_mb", "shuffle_rows",
+                     "val_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         _check_range("train.workers", self.workers, 0, 10000)
@@ -125,6 +131,7 @@ class TrainConfig:
         _check_range("train.lr", self.lr, 0.0, 1.0)
         _check_range("train.dropout", self.dropout, 0.0, 0.99)
         _check_range("train.max_failures", self.max_failures, 0, 1000)
+        _check_range("train.cpus_per_worker", self.cpus_per_worker, 0.1, 1024)
 
     def batch_for(self, setting: str) -> int:
         return self.batch_size or (8 if setting == "general" else 128)
@@ -134,16 +141,23 @@ class TrainConfig:
 class IndexConfig:
     """jobs.index: USearch HNSW shards of product vectors."""
 
-    shards: int = 4  # shards per model, built in parallel (one Ray task each)
+    shards: int = 0  # parallel shard builders (each writes >= 1 shard per model); 0 = one per 2 cluster CPUs
+    builder_mb: int = 512  # vectors + graph a builder holds before it writes a shard: bounds its memory
+    batch_size: int = 4096  # products per block through the vector stage
+    vector_actors: int = 1  # most actors applying the models to the products (each loads every trained head)
+    gpus_per_actor: float = 0.0  # GPUs per vector actor (0: CPU)
     dtype: str = "f32"  # stored vector precision: f32 | f16 | i8 (USearch quantisation)
     connectivity: int = 16  # HNSW M: graph degree
     expansion_add: int = 128  # HNSW ef at build time
     expansion_search: int = 256  # HNSW ef at query time (at least k)
 
     def __post_init__(self) -> None:
-        for name in ("shards", "connectivity", "expansion_add", "expansion_search"):
+        for name in ("builder_mb", "batch_size", "vector_actors", "connectivity", "expansion_add",
+                     "expansion_search"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"index.{name} must be at least 1, got {getattr(self, name)}")
+        _check_range("index.shards", self.shards, 0, 4096)
+        _check_range("index.gpus_per_actor", self.gpus_per_actor, 0.0, 8.0)
         _check_choice("index.dtype", self.dtype, ("f32", "f16", "i8"))
 
 

@@ -2,10 +2,15 @@
 
 Per setting: queries are the test products' categories in that setting, candidates the test products, and a
 product is relevant when its label equals the query (exact node). Splits: all queries, ``seen`` (the category
-labels some training product) and ``unseen``. Dense models are ranked through the test-scope USearch index when
-jobs.index built one, and always also exactly (brute force): the index's recall@10 against the exact ranking is
-reported. A hierarchy-aware relevance (the product's path passes through the query category) is reported beside
-the paper's, under the row's ``hierarchy`` key and in its own table.
+labels some training product) and ``unseen``. A hierarchy-aware relevance (the product's path passes through the
+query category) is reported beside the paper's, under the row's ``hierarchy`` key and in its own table.
+
+Streaming, for catalogues no process can hold: the driver keeps the tree, the per-category counts of a
+``census`` (R of every query, seen or unseen) and the query vectors. ``QueryRanker`` actors hold the test split's
+rows (labels as integers) and memory-map the test-scope shards that jobs.index built; each takes a batch of
+queries, ranks it as deep as its deepest R (dense models through USearch, bm25 through the inverted index of
+clipita.bm25), and returns per-query metrics, which the driver averages per split. The index's recall@10
+against usearch's exact search is measured on a sample of queries.
 
 Outputs: metrics.json (DESIGN.md rows), metrics.md (Table 1 layout with the paper's numbers), metrics.png.
 """
@@ -18,10 +23,10 @@ import time
 import numpy as np
 
 from clipita import storage
-from clipita.features import Products, labels_for, load_categories, load_products
+from clipita.features import census, labeler_for, load_categories, load_tree
 from clipita.index import IndexIntegrityError, ShardedIndex, group_dir, group_name
-from clipita.metrics import count_relevant, hits_from_ranking, rank_scores, retrieval_metrics
-from clipita.rankers import MODELS, TRAINED, DenseRanker, Queries, load_ranker
+from clipita.metrics import per_query_metrics
+from clipita.rankers import MODELS, TRAINED, Queries, load_ranker
 from clipita.tree import SEP, SETTINGS
 
 METRICS = ("P@1", "P@5", "P@10", "mAP@5", "mAP@10", "R-prec")
@@ -44,68 +49,125 @@ PAPER_TABLE = {
 }
 
 
+RECALL_SAMPLE = 64  # queries per (setting, model) whose index ranking is checked against exact search
+CHUNK_ENTRIES = 1 << 21  # queries x depth ranked in one call: bounds an actor's result arrays (~16 MB)
+
+
 def ancestor_matrix(paths: list[list[str]], index: dict[str, int]) -> np.ndarray:
     """(N, max depth) ids of every node on each product's path, -1 padded."""
     depth = max((len(p) for p in paths), default=1)
-    out = np.full((len(paths), depth), -1, dtype=np.int64)
+    out = np.full((len(paths), depth), -1, dtype=np.int32)
     for i, path in enumerate(paths):
         for d in range(len(path)):
             out[i, d] = index[SEP.join(path[: d + 1])]
     return out
 
 
-def hierarchy_relevance(ranked: np.ndarray, ancestors: np.ndarray, queries: np.ndarray,
-                        chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Hits (Q, L) and relevant counts (Q,) when a product is relevant to every category on its path."""
-    hits = np.zeros(ranked.shape, dtype=bool)
-    n_rel = np.zeros(len(queries), dtype=np.int64)
-    for s in range(0, len(queries), chunk):
-        q = queries[s:s + chunk, None, None]
-        n_rel[s:s + chunk] = (ancestors[None] == q).any(-1).sum(1)
-        r = ranked[s:s + chunk]
-        hits[s:s + chunk] = (ancestors[np.maximum(r, 0)] == q).any(-1) & (r >= 0)
-    return hits, n_rel
+def hierarchy_hits(ranked: np.ndarray, ancestors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """(Q, L) hits when a product is relevant to every category on its path; -1 in ``ranked`` is no item."""
+    return (ancestors[np.maximum(ranked, 0)] == queries[:, None, None]).any(-1) & (ranked >= 0)
 
 
-def _rank(ranker, queries: Queries, products: Products, k: int, index_uri: str, ef: int) -> tuple:
-    """(ranking used for the metrics, how it was retrieved, recall@10 of the index against the exact ranking)."""
-    exact, _ = ranker.rank(queries, products, k)
-    if not isinstance(ranker, DenseRanker) or not storage.exists(storage.join(index_uri, "manifest.json")):
-        return exact, "exact", None
-    index = ShardedIndex(index_uri)
-    if not np.array_equal(index.ids, products.ids):
-        raise IndexIntegrityError(f"index {index_uri} holds other products than the test split: run jobs.index")
-    found = index.search(ranker.query_vectors(queries), k, ef=max(ef, k)).rows
-    top = min(10, k)
-    recall = np.mean([len(set(a[:top]) & set(b[:top])) / top for a, b in zip(found, exact)])
-    return found, "usearch", float(recall)
+class QueryRanker:
+    """Ray actor: the test split's candidates (rows of the test-scope index), ranking batches of queries."""
+
+    def __init__(self, workdir: str, labeler, node_index: dict[str, int]):
+        from clipita.bm25 import SparseBM25
+
+        self.workdir = workdir
+        rows = ShardedIndex(group_dir(workdir, "test", "mpnet"), columns=["product_id", "title", "category_path"])
+        ids, paths = rows.rows.column("product_id").to_pylist(), rows.rows.column("category_path").to_pylist()
+        self.labels = {s: np.array([node_index[labeler.label(p, path, s)] for p, path in zip(ids, paths)],
+                                   dtype=np.int32) for s in SETTINGS}
+        self.ancestors = ancestor_matrix(paths, node_index)
+        # bm25 ranks ties by product id (the first landing's order): its rows are sorted by id
+        self.by_id = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+        titles = rows.rows.column("title").to_pylist()
+        self.bm25 = SparseBM25([titles[i] for i in self.by_id])
+        self.count = len(ids)
+        self.indexes: dict[str, ShardedIndex] = {}
+
+    def size(self) -> int:
+        return self.count
+
+    def _index(self, group: str) -> ShardedIndex:
+        if group not in self.indexes:
+            index = ShardedIndex(group_dir(self.workdir, "test", group), columns=None)
+            if len(index) != self.count:
+                raise IndexIntegrityError(f"index test/{group} has {len(index)} products, test/mpnet {self.count}: "
+                                          "run jobs.index")
+            self.indexes[group] = index
+        return self.indexes[group]
+
+    def rank(self, group: str, queries, k: int, ef: int) -> np.ndarray:
+        if group == "bm25":
+            rows, _ = self.bm25.top_k(queries, k)
+            return np.where(rows >= 0, self.by_id[np.maximum(rows, 0)], -1)
+        return self._index(group).search(queries, k, ef=max(ef, k)).rows
+
+    def evaluate(self, setting: str, group: str, queries, nodes: np.ndarray, n_rel: np.ndarray,
+                 h_rel: np.ndarray, k: int, ef: int, recall_sample: int) -> dict:
+        ranked = self.rank(group, queries, min(k, self.count), ef)
+        hits = (self.labels[setting][np.maximum(ranked, 0)] == nodes[:, None]) & (ranked >= 0)
+        out = {"exact": per_query_metrics(hits, n_rel), "hierarchy": per_query_metrics(
+            hierarchy_hits(ranked, self.ancestors, nodes), h_rel), "recall": None}
+        if group != "bm25" and recall_sample:
+            top = min(10, self.count)
+            exact = self._index(group).search(queries[:recall_sample], top, exact=True).rows
+            out["recall"] = [len(set(a[:top]) & set(b)) / top for a, b in zip(ranked[:recall_sample], exact)]
+        return out
+
+
+def _chunks(depth: np.ndarray) -> list[np.ndarray]:
+    """Query positions in batches of similar depth, each batch's queries x depth at most CHUNK_ENTRIES."""
+    order = np.argsort(depth, kind="stable")
+    out, start = [], 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and (stop - start + 1) * depth[order[stop]] <= CHUNK_ENTRIES and stop - start < 512:
+            stop += 1
+        out.append(order[start:stop])
+        start = stop
+    return out
 
 
 def _clean(v):
     return None if isinstance(v, float) and math.isnan(v) else (round(v, 4) if isinstance(v, float) else v)
 
 
+def _means(per_query: dict[str, np.ndarray], sel: np.ndarray) -> dict[str, float]:
+    return {k: float(np.nanmean(v[sel])) if sel.any() else float("nan") for k, v in per_query.items()}
+
+
 def evaluate(workdir: str, cfg, log=print) -> list[dict]:
+    import ray
+
     t0 = time.time()
-    products, categories = load_products(workdir), load_categories(workdir)
-    labels = labels_for(products, cfg.data)
-    test = labels.split == "test"
-    candidates = products.subset(test)
+    workdir = storage.absolute(workdir)
+    if not storage.exists(storage.join(group_dir(workdir, "test", "mpnet"), "manifest.json")):
+        raise FileNotFoundError(f"no index under {workdir}/index/test: run jobs.index first")
+    tree, categories = load_tree(workdir), load_categories(workdir)
+    labeler = labeler_for(workdir, cfg.data, tree)
+    counts = census(workdir, labeler)
     node_index = {c: i for i, c in enumerate(categories.ids)}
-    ancestors = ancestor_matrix(candidates.paths, node_index)
+    actors = [ray.remote(num_cpus=1)(QueryRanker).remote(workdir, labeler, node_index)
+              for _ in range(max(1, cfg.index.shards or 1))]
+    n_candidates = ray.get(actors[0].size.remote())
+    log(f"evaluate: {n_candidates:,} test candidates, {len(actors)} ranking actors")
+    if n_candidates == 0:
+        raise ValueError("the test split is empty: raise data.test_fraction or add products")
     rows: list[dict] = []
     for setting in SETTINGS:
-        cand_labels = labels.by_setting[setting][test]
-        query_ids = np.array(sorted(set(cand_labels)), dtype=object)
-        if len(query_ids) == 0:
-            raise ValueError("the test split is empty: raise data.test_fraction or add products")
-        n_rel = count_relevant(cand_labels, query_ids)
-        seen = np.isin(query_ids, list(set(labels.by_setting[setting][labels.split == "train"])))
+        test_labels = counts.labels.get((setting, "test"), {})
+        query_ids = np.array(sorted(test_labels), dtype=object)
+        n_rel = np.array([test_labels[q] for q in query_ids], dtype=np.int64)
+        h_rel = np.array([counts.nodes["test"].get(q, 0) for q in query_ids], dtype=np.int64)
+        train_labels = counts.labels.get((setting, "train"), {})
+        seen = np.array([train_labels.get(q, 0) > 0 for q in query_ids], dtype=bool)
         queries = Queries.from_categories(categories, query_ids, cfg.data.query_text)
-        q_nodes = np.array([node_index[q] for q in query_ids], dtype=np.int64)
-        _, h_rel = hierarchy_relevance(np.zeros((len(q_nodes), 0), np.int64), ancestors, q_nodes)
-        # rank deep enough for R-precision under both relevances (R may exceed 10)
-        k = min(len(candidates), max(10, int(n_rel.max()), int(h_rel.max())))
+        nodes = np.array([node_index[q] for q in query_ids], dtype=np.int32)
+        depth = np.minimum(n_candidates, np.maximum(10, np.maximum(n_rel, h_rel)))  # deep enough for R-precision
+        batches = _chunks(depth)
         for model in MODELS:
             try:
                 ranker = load_ranker(workdir, model, setting)
@@ -114,28 +176,44 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
                     log(f"evaluate: {setting}/{model}: skipped ({str(e).splitlines()[0]})")
                     continue
                 raise
-            name = group_name(model, setting if model in TRAINED else None)
-            ranking, how, recall = _rank(ranker, queries, candidates, k, group_dir(workdir, "test", name),
-                                         cfg.index.expansion_search)
-            hits = hits_from_ranking(ranking, cand_labels, query_ids)
-            h_hits, _ = hierarchy_relevance(ranking, ancestors, q_nodes)
+            group = "bm25" if model == "bm25" else group_name(model, setting if model in TRAINED else None)
+            vectors = None if model == "bm25" else ranker.query_vectors(queries)
+            refs, budget = [], RECALL_SAMPLE
+            for i, idx in enumerate(batches):
+                q = [queries.texts[j] for j in idx] if vectors is None else vectors[idx]
+                sample = min(budget, len(idx))
+                budget -= sample
+                refs.append(actors[i % len(actors)].evaluate.remote(
+                    setting, group, q, nodes[idx], n_rel[idx], h_rel[idx], int(depth[idx].max()),
+                    cfg.index.expansion_search, sample))
+            per_query: dict[str, dict[str, np.ndarray]] = {"exact": {}, "hierarchy": {}}
+            recall: list[float] = []
+            for idx, out in zip(batches, ray.get(refs)):
+                for kind in per_query:
+                    for key, v in out[kind].items():
+                        per_query[kind].setdefault(key, np.full(len(query_ids), np.nan))[idx] = v
+                recall += out["recall"] or []
+            how = "exact" if model == "bm25" else "usearch"  # the inverted index returns the exact top-k
+            index_recall = float(np.mean(recall)) if recall else None
             for split in SPLITS:
                 sel = np.ones(len(query_ids), bool) if split == "all" else (seen if split == "seen" else ~seen)
-                m = retrieval_metrics(hits[sel], n_rel[sel])
-                h = retrieval_metrics(h_hits[sel], h_rel[sel])
+                m, h = _means(per_query["exact"], sel), _means(per_query["hierarchy"], sel)
                 rows.append({"setting": setting, "model": model, "split": split, "queries": int(sel.sum()),
-                             "candidates": len(candidates), **{k_: _clean(m[k_]) for k_ in (
+                             "candidates": n_candidates, **{k_: _clean(m[k_]) for k_ in (
                                  *METRICS, "mAP@5_std", "mAP@10_std")},
-                             "retrieval": how, "index_recall@10": _clean(recall),
+                             "retrieval": how, "index_recall@10": _clean(index_recall),
                              "hierarchy": {k_: _clean(h[k_]) for k_ in (*METRICS, "mAP@5_std", "mAP@10_std")}})
             top = rows[-3]
             log(f"evaluate: {setting:8s} {model:8s} P@10 {top['P@10']:6.2f}  mAP@10 {top['mAP@10']:6.2f}  "
-                f"R-prec {top['R-prec']:6.2f}  ({how}{'' if recall is None else f', recall@10 {recall:.3f}'})")
+                f"R-prec {top['R-prec']:6.2f}  ({how}"
+                f"{'' if index_recall is None else f', recall@10 {index_recall:.3f}'})")
+    for a in actors:
+        ray.kill(a)
     storage.write_json(storage.join(workdir, "metrics.json"), rows)
     storage.write_bytes(storage.join(workdir, "metrics.md"), metrics_markdown(rows).encode())
     storage.write_bytes(storage.join(workdir, "metrics.png"), metrics_png(rows))
     storage.write_json(storage.join(workdir, "evaluation", "stats.json"), {
-        "stage": "evaluate", "rows": len(rows), "candidates": len(candidates),
+        "stage": "evaluate", "rows": len(rows), "candidates": n_candidates,
         "unseen_queries": {s: next(r["queries"] for r in rows if r["setting"] == s and r["split"] == "unseen")
                            for s in SETTINGS if any(r["setting"] == s for r in rows)},
         "seconds": round(time.time() - t0, 2)})

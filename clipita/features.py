@@ -1,8 +1,12 @@
-"""Reading what jobs.embed wrote: product features and category embeddings as numpy arrays, with labels.
+"""Reading what jobs.embed wrote (or a user brought): product features and category embeddings.
 
 Products: ``features/products/*.parquet`` (product_id, title, attributes, category_path, image, image_emb,
-title_emb, attr_emb, n_attributes). Categories: ``features/categories.parquet`` (category, name, depth, parent,
-products, text_name, text_path, clip_name, clip_path): every node of the tree, embedded once.
+title_emb, attr_emb, n_attributes), any number of files. Categories: ``features/categories.parquet`` (category,
+name, depth, parent, products, text_name, text_path, clip_name, clip_path): every node of the tree, embedded once.
+
+At marketplace scale no process holds the products: stages read them as a Ray dataset (``products_dataset``) or
+one file per Ray task (``product_files``), and the driver keeps only the tree, a ``Labeler`` and per-category
+counts (``census``). ``load_products`` (everything in one process) is for small catalogues and tests.
 """
 from __future__ import annotations
 
@@ -15,7 +19,10 @@ import pyarrow.parquet as pq
 from clipita import storage
 from clipita.config import DataConfig
 from clipita.embed import features_dir, read_parquet_dir
-from clipita.tree import Labels, assign_labels
+from clipita.tree import SETTINGS, CategoryTree, Labeler, Labels, assign_labels, category_id
+
+# Columns a stage that needs no vectors reads: a few bytes a product instead of ~3 KB.
+META_COLUMNS = ["product_id", "title", "image", "category_path"]
 
 
 def vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -45,22 +52,60 @@ class Products:
         return Products(**{f.name: (np.asarray(getattr(self, f.name), dtype=object)[idx].tolist()
                                     if f.name == "paths" else getattr(self, f.name)[idx]) for f in fields(self)})
 
+    @classmethod
+    def from_table(cls, t: pa.Table) -> "Products":
+        """One block of feature rows (a Ray Data batch, one file) as Products, in the table's order."""
+        return cls(ids=np.asarray(t.column("product_id").to_pylist(), dtype=object),
+                   titles=np.asarray(t.column("title").to_pylist(), dtype=object),
+                   images=np.asarray(t.column("image").to_pylist(), dtype=object),
+                   paths=t.column("category_path").to_pylist(),
+                   image=vectors(t.column("image_emb")), title=vectors(t.column("title_emb")),
+                   attributes=vectors(t.column("attr_emb")))
+
     def tensors(self) -> dict[str, np.ndarray]:
         """The model's input features (ClipIta batch keys)."""
         return {"image": self.image, "title": self.title, "attributes": self.attributes}
 
 
 def load_products(workdir: str) -> Products:
+    """Every product in this process, sorted by id: small catalogues and tests only (jobs stream instead)."""
     t = read_parquet_dir(storage.join(features_dir(workdir), "products"))
-    t = t.sort_by("product_id")  # a stable order whatever the order the parts finished in
-    return Products(
-        ids=np.asarray(t.column("product_id").to_pylist(), dtype=object),
-        titles=np.asarray(t.column("title").to_pylist(), dtype=object),
-        images=np.asarray(t.column("image").to_pylist(), dtype=object),
-        paths=t.column("category_path").to_pylist(),
-        image=vectors(t.column("image_emb")), title=vectors(t.column("title_emb")),
-        attributes=vectors(t.column("attr_emb")),
-    )
+    return Products.from_table(t.sort_by("product_id"))  # a stable order whatever the order parts finished in
+
+
+def product_files(workdir: str) -> list[str]:
+    """URIs of the products' parquet files, in name order."""
+    uri = storage.join(features_dir(workdir), "products")
+    fs, path = storage.filesystem(uri)
+    try:
+        files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    except FileNotFoundError:
+        files = []
+    if not files:
+        raise FileNotFoundError(f"no parquet files under {uri}: run jobs.embed (or bring features, README)")
+    prefix = uri.split("://", 1)[0] + "://" if storage.is_remote(uri) else ""
+    return [prefix + f for f in files]
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = storage.arrow_filesystem(uri)
+    return pq.read_table(path, columns=columns, filesystem=fs)
+
+
+def vector_width(workdir: str, column: str) -> int:
+    """Width of a vector column (``image_emb``, ``title_emb``), from the first file's schema alone."""
+    fs, path = storage.arrow_filesystem(product_files(workdir)[0])
+    return pq.read_schema(path, filesystem=fs).field(column).type.list_size
+
+
+def products_dataset(workdir: str, columns: list[str] | None = None):
+    """The products as a Ray dataset (blocks stream; nothing is gathered on the driver)."""
+    import ray.data
+
+    files = product_files(workdir)
+    fs, _ = storage.arrow_filesystem(files[0])
+    paths = [storage.filesystem(f)[1] for f in files]
+    return ray.data.read_parquet(paths, columns=columns, filesystem=fs)
 
 
 @dataclass
@@ -94,6 +139,70 @@ def recorded_encoders(workdir: str):
                              "encoders")
 
 
+def load_tree(workdir: str) -> CategoryTree:
+    uri = storage.join(features_dir(workdir), "categories.parquet")
+    columns = ["category", "name", "depth", "parent", "products"]
+    return CategoryTree.from_table(pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=columns))
+
+
+def labeler_for(workdir: str, data: DataConfig, tree: CategoryTree | None = None) -> Labeler:
+    """The workdir's split and labels as a function of (id, path): the held-out categories come from the tree."""
+    return Labeler.build(tree or load_tree(workdir), data.seed, data.val_fraction, data.test_fraction,
+                         data.unseen_fraction)
+
+
 def labels_for(products: Products, data: DataConfig) -> Labels:
+    """Labels of products held in memory (small catalogues and tests)."""
     return assign_labels(products.ids, products.paths, data.seed, data.val_fraction, data.test_fraction,
                          data.unseen_fraction)
+
+
+@dataclass
+class Census:
+    """Per-category counts of the whole catalogue, reduced from one Ray task per file: what the driver may hold.
+    ``labels[(setting, split)][category]`` = products of that split labelled with that category;
+    ``nodes[split][category]`` = products of that split whose path passes through the category."""
+
+    labels: dict
+    nodes: dict
+
+    def split_size(self, split: str) -> int:
+        return sum(self.labels.get(("general", split), {}).values())
+
+
+def _count_file(uri: str, labeler: Labeler) -> tuple[dict, dict]:
+    from collections import Counter
+
+    t = read_table(uri, ["product_id", "category_path"])
+    labels = labeler(t.column("product_id").to_pylist(), t.column("category_path").to_pylist())
+    by_label: dict = {}
+    for split in ("train", "val", "test"):
+        mask = labels.split == split
+        for setting in SETTINGS:
+            by_label[(setting, split)] = Counter(labels.by_setting[setting][mask].tolist())
+    nodes: dict = {split: Counter() for split in ("train", "val", "test")}
+    for split, path in zip(labels.split, t.column("category_path").to_pylist()):
+        nodes[split].update(category_id(path[:d]) for d in range(1, len(path) + 1))
+    return by_label, nodes
+
+
+def census(workdir: str, labeler: Labeler) -> Census:
+    """Label and node counts per split, one Ray task per products file, summed on the driver."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(_count_file)
+    refs = [task.remote(f, labeler) for f in product_files(workdir)]
+    labels: dict = {}
+    nodes: dict = {}
+    while refs:  # sum as tasks finish: the driver holds one file's counts at a time besides the totals
+        done, refs = ray.wait(refs, num_returns=1)
+        by_label, by_node = ray.get(done[0])
+        for key, counter in by_label.items():
+            labels.setdefault(key, {})
+            for c, n in counter.items():
+                labels[key][c] = labels[key].get(c, 0) + n
+        for key, counter in by_node.items():
+            nodes.setdefault(key, {})
+            for c, n in counter.items():
+                nodes[key][c] = nodes[key].get(c, 0) + n
+    return Census(labels, nodes)

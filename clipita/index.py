@@ -1,21 +1,30 @@
-"""USearch HNSW shards of product vectors: built in parallel (one Ray task per block), searched by fan-out.
+"""USearch HNSW shards of product vectors, built where the vectors stream, searched by fan-out and merge.
 
-Layout under ``<workdir>/index/<scope>/<group>/`` where scope is ``test`` (the evaluation candidates) or
-``all`` (every product: what the endpoint serves) and group is the model (``mpnet``, ``clip``) or model and
-setting (``clip-ita-specific``) for trained heads:
+Layout under ``<workdir>/index/<scope>/`` where scope is ``test`` (the evaluation candidates) or ``all`` (every
+product: what the endpoint serves):
 
-    shard-00000.usearch ...   one HNSW graph per block of consecutive rows, keys = row numbers
-    ids.parquet               row -> product_id
-    manifest.json             model, setting, scope, dims, dtype, count, metric, shards [{file, count, sha256}]
+    rows/<shard>.parquet             the shard's products in key order: product_id, title, image, category_path
+    <group>/<shard>.usearch ...      one HNSW graph per shard and group, keys = first_key + row in the shard
+    <group>/manifest.json            model, setting, scope, dims, dtype, count, metric, rows_dir,
+                                     shards [{name, count, first_key, sha256}]
 
-manifest.json is written last: a group without it is unfinished. A shard whose SHA-256 does not match the
-manifest refuses to load (``IndexIntegrityError``) instead of returning wrong neighbours.
+A group is a model (``mpnet``, ``clip``) or a trained model and its setting (``clip-ita-specific``). Every group of
+a scope has the same shards with the same rows, so a row position means the same product in all of them, and the
+rows are stored once. manifest.json is written last: a group without it is unfinished. A shard whose SHA-256 does
+not match the manifest refuses to load (``IndexIntegrityError``) instead of returning wrong neighbours.
+
+jobs.index (``build_indexes``): one Ray Data pass reads the features, an actor stage (``ProductVectors``, GPU when
+configured) applies every model to each block, and ``index.shards`` builder actors each take a slice of the
+stream (``streaming_split``), add it to their open shards and write a shard whenever it reaches the rows that fit
+``index.builder_mb``. The driver only writes the manifests: no vector and no product passes through it.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +34,10 @@ import pyarrow.parquet as pq
 from clipita import storage
 
 DTYPES = ("f32", "f16", "i8")
+SCOPES = ("test", "all")
+ROW_COLUMNS = ["product_id", "title", "image", "category_path"]
+DTYPE_BYTES = {"f32": 4, "f16": 2, "i8": 1}
+GRAPH_BYTES = 200  # HNSW links + key per vector at M = 16 (usearch's own estimate is ~2·M·4 + overhead)
 
 
 class IndexIntegrityError(RuntimeError):
@@ -43,22 +56,80 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def build_shard(vectors: np.ndarray, first_key: int, uri: str, dtype: str, connectivity: int,
-                expansion_add: int) -> dict:
-    """Build one HNSW shard over ``vectors`` (keys first_key...) and write it; returns its manifest entry."""
-    from usearch.index import Index
+def _write_parquet(uri: str, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes(uri, sink.getvalue().to_pybytes())
 
-    index = Index(ndim=vectors.shape[1], metric="cos", dtype=dtype, connectivity=connectivity,
-                  expansion_add=expansion_add)
-    index.add(np.arange(first_key, first_key + len(vectors), dtype=np.uint64), vectors, threads=1)
-    data = bytes(index.save())
-    storage.write_bytes(uri, data)
-    return {"file": uri.rsplit("/", 1)[-1], "count": len(vectors), "first_key": first_key, "sha256": _sha256(data)}
+
+class ShardWriter:
+    """Accumulates rows and each group's vectors of one scope; ``flush`` writes them as one shard per group."""
+
+    def __init__(self, scope_uri: str, groups: dict[str, int], prefix: str, dtype: str, connectivity: int,
+                 expansion_add: int, rows_dir: str = "rows", shard_no: int = 0):
+        self.scope_uri, self.groups, self.prefix, self.rows_dir = scope_uri, groups, prefix, rows_dir
+        self.dtype, self.connectivity, self.expansion_add = dtype, connectivity, expansion_add
+        self.shard_no = shard_no  # keys of shard s start at s << 32: unique across builders without coordination
+        self.entries: dict[str, list[dict]] = {g: [] for g in groups}
+        self._open()
+
+    def _open(self) -> None:
+        from usearch.index import Index
+
+        self.indexes = {g: Index(ndim=d, metric="cos", dtype=self.dtype, connectivity=self.connectivity,
+                                 expansion_add=self.expansion_add) for g, d in self.groups.items()}
+        self.rows: list[pa.Table] = []
+        self.count = 0
+
+    def add(self, rows: pa.Table, vectors: dict[str, np.ndarray]) -> None:
+        if rows.num_rows == 0:
+            return
+        first = (self.shard_no << 32) + self.count
+        keys = np.arange(first, first + rows.num_rows, dtype=np.uint64)
+        for g, index in self.indexes.items():
+            index.add(keys, np.ascontiguousarray(vectors[g], dtype=np.float32), threads=1)
+        self.rows.append(rows)
+        self.count += rows.num_rows
+
+    def flush(self) -> None:
+        if self.count == 0:
+            return
+        name = f"{self.prefix}-{self.shard_no:05d}"
+        _write_parquet(storage.join(self.scope_uri, self.rows_dir, f"{name}.parquet"), pa.concat_tables(self.rows))
+        for g, index in self.indexes.items():
+            data = bytes(index.save())
+            storage.write_bytes(storage.join(self.scope_uri, g, f"{name}.usearch"), data)
+            self.entries[g].append({"name": name, "count": self.count, "first_key": self.shard_no << 32,
+                                    "sha256": _sha256(data)})
+        self.shard_no += 1
+        self._open()
+
+
+def write_manifests(scope_uri: str, groups: dict[str, int], entries: dict[str, list[dict]], meta: dict[str, dict],
+                    dtype: str, rows_dir: str = "../rows") -> dict[str, dict]:
+    """One manifest per group, shards in name order (the row order every group of the scope shares)."""
+    out = {}
+    for g, dims in groups.items():
+        shards = sorted(entries[g], key=lambda e: e["name"])
+        out[g] = dict(meta[g], dims=dims, dtype=dtype, count=sum(e["count"] for e in shards), metric="cos",
+                      rows_dir=rows_dir, shards=shards)
+        storage.write_json(storage.join(scope_uri, g, "manifest.json"), out[g])
+    return out
+
+
+def _build_slice(uri: str, vectors: np.ndarray, ids: np.ndarray, shard_no: int, dtype: str, connectivity: int,
+                 expansion_add: int) -> list[dict]:
+    writer = ShardWriter(uri, {"": vectors.shape[1]}, "shard", dtype, connectivity, expansion_add, rows_dir="",
+                         shard_no=shard_no)
+    writer.add(pa.table({"product_id": pa.array(list(ids), pa.string())}), {"": vectors})
+    writer.flush()
+    return writer.entries[""]
 
 
 def build_group(uri: str, vectors: np.ndarray, ids: np.ndarray, meta: dict, shards: int, dtype: str = "f32",
                 connectivity: int = 16, expansion_add: int = 128) -> dict:
-    """Build a group's shards as parallel Ray tasks (one per block of rows); write ids and the manifest."""
+    """One group from vectors held in memory (benchmarks, tests): ``shards`` parallel Ray tasks, one per block of
+    rows; the rows files sit beside the shards. jobs.index streams instead (``build_indexes``)."""
     import ray
 
     if dtype not in DTYPES:
@@ -67,42 +138,43 @@ def build_group(uri: str, vectors: np.ndarray, ids: np.ndarray, meta: dict, shar
     n = len(vectors)
     shards = max(1, min(shards, n))
     bounds = np.linspace(0, n, shards + 1).astype(int)
-    task = ray.remote(num_cpus=1)(build_shard)
-    refs = [task.remote(vectors[a:b], int(a), storage.join(uri, f"shard-{i:05d}.usearch"), dtype, connectivity,
-                        expansion_add) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
-    entries = ray.get(refs)
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.table({"product_id": pa.array(list(ids), pa.string())}), sink)
-    storage.write_bytes(storage.join(uri, "ids.parquet"), sink.getvalue().to_pybytes())
-    manifest = dict(meta, dims=int(vectors.shape[1]), dtype=dtype, count=n, metric="cos", shards=entries)
-    storage.write_json(storage.join(uri, "manifest.json"), manifest)
-    return manifest
+    task = ray.remote(num_cpus=1)(_build_slice)
+    refs = [task.remote(uri, vectors[a:b], ids[a:b], i, dtype, connectivity, expansion_add)
+            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    entries = [e for r in ray.get(refs) for e in r]
+    # the group's files, rows included, sit in uri itself (group "" of the scope folder uri)
+    return write_manifests(uri, {"": vectors.shape[1]}, {"": entries}, {"": meta}, dtype, rows_dir="")[""]
 
 
 @dataclass
 class SearchResult:
-    rows: np.ndarray  # (Q, k) int64 row numbers into ``ids``, -1 where fewer than k exist
+    rows: np.ndarray  # (Q, k) int64 row positions (into ShardedIndex.rows), -1 where fewer than k exist
     scores: np.ndarray  # (Q, k) float32 cosine similarity, -inf for padding
 
 
 class ShardedIndex:
-    """All shards of one group, checked against the manifest, searched by fan-out and merge."""
+    """All shards of one group, checked against the manifest, searched by fan-out and merge. ``columns`` of the
+    rows files are loaded as one Arrow table (``rows``) whose positions are what ``search`` returns."""
 
-    def __init__(self, uri: str, view: bool = True, cache_dir: str | None = None):
+    def __init__(self, uri: str, view: bool = True, cache_dir: str | None = None,
+                 columns: list[str] | None = ("product_id",)):
         from usearch.index import Index
 
         try:
             self.manifest = storage.read_json(storage.join(uri, "manifest.json"))
         except storage.StorageError:
             raise IndexIntegrityError(f"no index at {uri} (manifest.json missing): run jobs.index") from None
-        ids = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(uri, "ids.parquet"))))
-        self.ids = np.asarray(ids.column("product_id").to_pylist(), dtype=object)
-        if len(self.ids) != self.manifest["count"]:
-            raise IndexIntegrityError(f"index {uri}: ids.parquet has {len(self.ids)} rows, manifest says "
-                                      f"{self.manifest['count']}")
+        entries = self.manifest["shards"]
+        counts = np.array([e["count"] for e in entries], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.first_keys = np.array([e["first_key"] for e in entries], dtype=np.int64)
+        rows_dir = _relative(uri, self.manifest.get("rows_dir", ""))
+        self.rows = pa.concat_tables(
+            [_read_rows(storage.join(rows_dir, f"{e['name']}.parquet"), list(columns), e["count"], uri)
+             for e in entries]) if columns and entries else None
         self.shards = []
-        for entry in self.manifest["shards"]:
-            shard_uri = storage.join(uri, entry["file"])
+        for entry in entries:
+            shard_uri = storage.join(uri, f"{entry['name']}.usearch")
             data = storage.read_bytes(shard_uri)
             if _sha256(data) != entry["sha256"]:
                 raise IndexIntegrityError(f"index shard {shard_uri} does not match its checksum in manifest.json "
@@ -112,7 +184,16 @@ class ShardedIndex:
                 self.shards.append(Index.restore(path, view=True))
             else:
                 self.shards.append(Index.restore(data))
+            del data
         self.dims = self.manifest["dims"]
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.asarray(self.rows.column("product_id").to_pylist(), dtype=object)
+
+    def column(self, name: str, rows: np.ndarray) -> list:
+        """Values of a rows column at row positions (-1 positions are skipped by the caller)."""
+        return self.rows.column(name).take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
 
     @staticmethod
     def _local_copy(uri: str, data: bytes, cache_dir: str | None) -> str:
@@ -129,35 +210,56 @@ class ShardedIndex:
         return path
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return int(self.offsets[-1])
 
-    def search(self, queries: np.ndarray, k: int, ef: int | None = None) -> SearchResult:
-        """Top-k rows per query over every shard (each searched for k, results merged by score)."""
+    def search(self, queries: np.ndarray, k: int, ef: int | None = None, exact: bool = False) -> SearchResult:
+        """Top-k rows per query over every shard (each searched for k, results merged by score). ``exact``
+        scans every vector instead of walking the graph (usearch's brute force: the recall reference)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dims:
             raise ValueError(f"queries have {queries.shape[1]} dims, the index {self.dims}")
         q = len(queries)
-        keys, scores = [], []
-        for shard in self.shards:
+        rows, scores = [], []
+        for i, shard in enumerate(self.shards):
             if ef:
                 shard.expansion_search = max(ef, k)
-            m = shard.search(queries, min(k, len(shard)))
+            m = shard.search(queries, min(k, len(shard)), exact=exact)
             kk = np.asarray(m.keys, dtype=np.int64).reshape(q, -1)
             dd = np.asarray(m.distances, dtype=np.float32).reshape(q, -1)
             # one query comes back as Matches (no .counts), several as BatchMatches
             counts = np.asarray(getattr(m, "counts", [len(m.keys)])).reshape(q)
             valid = np.arange(kk.shape[1])[None, :] < counts[:, None]
-            keys.append(np.where(valid, kk, -1))
+            rows.append(np.where(valid, kk - self.first_keys[i] + self.offsets[i], -1))
             scores.append(np.where(valid, 1.0 - dd, -np.inf))
-        keys, scores = np.concatenate(keys, axis=1), np.concatenate(scores, axis=1)
+        if not rows:
+            return SearchResult(np.full((q, k), -1, np.int64), np.full((q, k), -np.inf, np.float32))
+        rows, scores = np.concatenate(rows, axis=1), np.concatenate(scores, axis=1)
         # best first; among equal scores the lower row first, as the exact ranking does
-        order = np.lexsort((np.where(keys < 0, np.iinfo(np.int64).max, keys), -scores), axis=1)[:, :k]
-        rows, top = np.take_along_axis(keys, order, 1), np.take_along_axis(scores, order, 1).astype(np.float32)
-        if rows.shape[1] < k:
-            pad = k - rows.shape[1]
-            rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        order = np.lexsort((np.where(rows < 0, np.iinfo(np.int64).max, rows), -scores), axis=1)[:, :k]
+        top_rows = np.take_along_axis(rows, order, 1)
+        top = np.take_along_axis(scores, order, 1).astype(np.float32)
+        if top_rows.shape[1] < k:
+            pad = k - top_rows.shape[1]
+            top_rows = np.pad(top_rows, ((0, 0), (0, pad)), constant_values=-1)
             top = np.pad(top, ((0, 0), (0, pad)), constant_values=-np.inf)
-        return SearchResult(rows, top)
+        return SearchResult(top_rows, top)
+
+
+def _relative(uri: str, rel: str) -> str:
+    """``uri/rel`` with ``..`` resolved (object stores take ``..`` in a key literally)."""
+    scheme, _, path = uri.rpartition("://")
+    out = posixpath.normpath(posixpath.join(path, rel)) if rel else path
+    return f"{scheme}://{out}" if scheme else out
+
+
+def _read_rows(uri: str, columns: list[str], count: int, group: str) -> pa.Table:
+    try:
+        t = pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=columns)
+    except storage.StorageError:
+        raise IndexIntegrityError(f"index {group}: rows file {uri} is missing: rebuild it with jobs.index") from None
+    if t.num_rows != count:
+        raise IndexIntegrityError(f"index {group}: {uri} has {t.num_rows} rows, manifest says {count}")
+    return t
 
 
 def dense_groups(workdir: str, settings) -> list[tuple[str, str | None]]:
@@ -174,35 +276,122 @@ def dense_groups(workdir: str, settings) -> list[tuple[str, str | None]]:
     return groups
 
 
-def build_indexes(workdir: str, cfg, scopes=("test", "all"), log=print) -> dict:
+class ProductVectors:
+    """Ray Data actor stage: a block of feature rows -> its index rows, whether each is a test product, and every
+    dense model's product vector (``v:<group>`` columns). Trained heads load once per actor (GPU when it has one)."""
+
+    def __init__(self, workdir: str, groups: list[tuple[str, str | None]], labeler):
+        from clipita.rankers import load_ranker
+
+        self.rankers = {group_name(m, s): load_ranker(workdir, m, s) for m, s in groups}
+        self.labeler = labeler
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from clipita.features import Products
+
+        products = Products.from_table(batch)
+        split = np.array([self.labeler.split(p, path) for p, path in zip(products.ids, products.paths)])
+        out = batch.select(ROW_COLUMNS).append_column("is_test", pa.array(split == "test"))
+        for g, ranker in self.rankers.items():
+            v = np.ascontiguousarray(ranker.product_vectors(products), dtype=np.float32)
+            out = out.append_column(f"v:{g}", pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1]))
+        return out
+
+
+class ShardBuilder:
+    """A Ray actor that consumes one slice of the vector stream into shards of both scopes."""
+
+    def __init__(self, workdir: str, groups: dict[str, int], builder: int, shard_rows: int, ic):
+        self.shard_rows = shard_rows
+        self.writers = {scope: ShardWriter(storage.join(workdir, "index", scope), groups, f"b{builder:03d}",
+                                           ic.dtype, ic.connectivity, ic.expansion_add) for scope in SCOPES}
+
+    def build(self, stream) -> dict:
+        from clipita.features import vectors
+
+        for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
+            test = batch.column("is_test").to_numpy(zero_copy_only=False)
+            for scope, keep in (("all", None), ("test", test)):
+                part = batch if keep is None else batch.filter(pa.array(keep))
+                if part.num_rows == 0:
+                    continue
+                writer, start = self.writers[scope], 0
+                while start < part.num_rows:  # a block may straddle a shard boundary
+                    piece = part.slice(start, self.shard_rows - writer.count)
+                    writer.add(piece.select(ROW_COLUMNS),
+                               {g: vectors(piece.column(f"v:{g}")) for g in writer.groups})
+                    start += piece.num_rows
+                    if writer.count >= self.shard_rows:
+                        writer.flush()
+        for writer in self.writers.values():
+            writer.flush()
+        return {scope: w.entries for scope, w in self.writers.items()}
+
+
+def vector_dims(workdir: str, model: str, setting: str | None) -> int:
+    """Width of a model's product vectors, read from the features' schema or the checkpoint (no vectors loaded)."""
+    from clipita.rankers import TRAINED, VARIANT_OF
+
+    if model in TRAINED:
+        from clipita.checkpoint import load_metadata_config
+        from clipita.training import best_checkpoint
+
+        return int(load_metadata_config(best_checkpoint(workdir, VARIANT_OF[model], setting))["output_dim"])
+    from clipita.features import vector_width
+
+    return vector_width(workdir, {"mpnet": "title_emb", "clip": "image_emb"}[model])
+
+
+def default_builders() -> int:
+    """Shard builders when index.shards is 0: one per two CPUs of the cluster (the vector stage needs the rest)."""
+    import ray
+
+    return max(1, min(8, int(ray.cluster_resources().get("CPU", 2)) // 2))
+
+
+def build_indexes(workdir: str, cfg, log=print) -> dict:
     """jobs.index: every dense model's product vectors, for the test split (evaluation) and all products
     (serving), into sharded USearch indexes. Returns the stats also written to index/stats.json."""
-    import time
+    import ray
 
-    from clipita.features import labels_for, load_products
-    from clipita.rankers import load_ranker
+    import ray.data
+
+    from clipita.features import labeler_for, products_dataset
     from clipita.tree import SETTINGS
 
     t0 = time.time()
     ic = cfg.index
     workdir = storage.absolute(workdir)
-    products = load_products(workdir)
-    test = labels_for(products, cfg.data).split == "test"
+    labeler = labeler_for(workdir, cfg.data)
+    groups = dense_groups(workdir, SETTINGS)
+    dims = {group_name(m, s): vector_dims(workdir, m, s) for m, s in groups}
+    builders = ic.shards or default_builders()
+    per_row = sum(d * DTYPE_BYTES[ic.dtype] + GRAPH_BYTES for d in dims.values())
+    shard_rows = max(1000, ic.builder_mb * 2**20 // (2 * per_row))  # two scopes open at once
+    log(f"index: {len(groups)} models x 2 scopes ({', '.join(dims)}), {builders} builders, shards of at most "
+        f"{shard_rows:,} products ({ic.dtype})")
+    fs, path = storage.filesystem(storage.join(workdir, "index"))
+    if fs.exists(path):  # a rebuild replaces everything: shards of an older run would not match the new rows
+        fs.rm(path, recursive=True)
+
+    ds = products_dataset(workdir).map_batches(
+        ProductVectors, fn_constructor_args=(workdir, groups, labeler), batch_format="pyarrow",
+        batch_size=ic.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ic.vector_actors),
+        num_cpus=1, num_gpus=ic.gpus_per_actor or None, udf_modifying_row_count=False)
+    actor = ray.remote(num_cpus=1)(ShardBuilder)
+    pool = [actor.remote(workdir, dims, b, shard_rows, ic) for b in range(builders)]
+    results = ray.get([a.build.remote(it) for a, it in zip(pool, ds.streaming_split(builders, equal=False))])
+    for a in pool:
+        ray.kill(a)
     built = []
-    for model, setting in dense_groups(workdir, SETTINGS):
-        ranker = load_ranker(workdir, model, setting)
-        vectors = ranker.product_vectors(products)
-        for scope in scopes:
-            rows = test if scope == "test" else np.ones(len(products), bool)
-            name = group_name(model, setting)
-            t1 = time.time()
-            manifest = build_group(group_dir(workdir, scope, name), vectors[rows], products.ids[rows],
-                                   {"model": model, "setting": setting, "scope": scope}, ic.shards, ic.dtype,
-                                   ic.connectivity, ic.expansion_add)
-            built.append({"group": name, "scope": scope, "count": manifest["count"],
-                          "shards": len(manifest["shards"]), "seconds": round(time.time() - t1, 3)})
-            log(f"index: {scope}/{name}: {manifest['count']} vectors x {manifest['dims']} ({ic.dtype}) in "
-                f"{len(manifest['shards'])} shards, {built[-1]['seconds']} s")
-    stats = {"stage": "index", "groups": built, "seconds": round(time.time() - t0, 2), "dtype": ic.dtype}
+    for scope in SCOPES:
+        entries = {g: [e for r in results for e in r[scope][g]] for g in dims}
+        meta = {group_name(m, s): {"model": m, "setting": s, "scope": scope} for m, s in groups}
+        for g, manifest in write_manifests(storage.join(workdir, "index", scope), dims, entries, meta,
+                                           ic.dtype).items():
+            built.append({"group": g, "scope": scope, "count": manifest["count"], "shards": len(manifest["shards"])})
+        log(f"index: {scope}: {built[-1]['count']:,} products in {built[-1]['shards']} shards per model")
+    stats = {"stage": "index", "groups": built, "seconds": round(time.time() - t0, 2), "dtype": ic.dtype,
+             "builders": builders, "shard_rows": shard_rows}
     storage.write_json(storage.join(workdir, "index", "stats.json"), stats)
     return stats

@@ -15,11 +15,11 @@ names are short, and the paper's BM25 baseline states no more.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from clipita.bm25 import tokenize
 from clipita.features import Categories, Products
 from clipita.metrics import rank_scores
 
@@ -142,10 +142,6 @@ class HeadRanker(DenseRanker):
     def query_vectors(self, queries: Queries) -> np.ndarray:
         text = _require(queries.text, "sentence-encoder", self.name)
         return self._apply(lambda b: self.model.encode_categories(b["category"]), {"category": text})
-
-
-def tokenize(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
 
 
 class BM25Ranker(Ranker):

@@ -67,7 +67,8 @@ def absolute(uri: str) -> str:
 def join(uri: str, *parts: str) -> str:
     out = uri.rstrip("/")
     for p in parts:
-        out = f"{out}/{p.strip('/')}"
+        if p.strip("/"):  # an empty part adds nothing (a group stored in the scope folder itself)
+            out = f"{out}/{p.strip('/')}"
     return out
 
 

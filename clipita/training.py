@@ -1,34 +1,38 @@
 """The training stage: CLIP-I / CLIP-IA / CLIP-ITA heads on the frozen features, with Ray Train (DDP).
 
-One run per (variant, setting), named ``<variant>-<setting>``, stored under ``<workdir>/checkpoints/<name>/``:
-Ray Train's own per-epoch checkpoints (model + optimizer + history; what a restart resumes from), ``best/`` (the
-model of the lowest validation loss, safetensors + config.json), ``curve.json`` / ``curve.png`` (train and val
-loss per epoch) and ``stats.json``. Constructing the trainer again with the same name resumes the latest
-checkpoint (Ray 2.60: no ``Trainer.restore``); a run whose curve already holds every epoch is not trained again.
+Runs are named ``<variant>-<setting>`` and stored under ``<workdir>/checkpoints/<name>/``: ``last/`` (model,
+optimizer and history, every ``train.checkpoint_every`` epochs and at the end: what a restart or a re-run resumes
+from), ``best/`` (the model of the lowest validation loss, safetensors + config.json), ``curve.json`` /
+``curve.png`` (train and val loss per epoch) and ``stats.json``. A run whose curve holds every epoch is not
+trained again.
 
-Data: the train and val splits of one setting become two small Ray datasets of feature tensors (about 3 KB a
-product) that every worker loads whole (``datasets_to_split=[]``). Each epoch every worker draws the same seeded
-permutation and takes its rank's B rows of each global batch of R·B rows, so the global batches are exactly those
-one worker with batch R·B would see: with the gathered loss (clipita.loss) R workers × B train the same model as
-1 × R·B, and a resumed run replays the same order. The last, partial global batch of an epoch is dropped.
-Known limit: a catalogue whose features do not fit in one worker's memory needs streaming_split shards instead.
+One worker group trains every requested run at once (``train_runs``): the group starts once, and each epoch
+reads the features once for all runs (every run sees the same products; each takes its own labels and its own
+batch size out of the shared loader batch).
+
+Data, bounded per worker: the train split streams from the features' parquet files through Ray Data
+(labels computed in the read tasks) and is cut by ``streaming_split`` into equal shards, one per worker. A worker
+whose shard fits ``train.cache_mb`` keeps it in memory after the first pass and reshuffles it each epoch; a
+larger shard is re-read every epoch through a local shuffle buffer. The loss is gathered across workers
+(clipita.loss), so R workers × B rows train on global batches of R·B. The validation split (a seeded sample of at
+most ``train.val_rows`` products) is read by worker 0 only.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
 
 from clipita import storage
 from clipita.config import Config, TrainConfig
-from clipita.features import Categories, Products, labels_for, load_categories, load_products
 from clipita.model import HeadConfig
-from clipita.tree import Labels
+from clipita.tree import SETTINGS, unit_hash
 
-FEATURES = ("image", "title", "attributes", "category")
+INPUTS = ("image", "title", "attributes")
+COLUMNS = {"image": "image_emb", "title": "title_emb", "attributes": "attr_emb"}
 
 
 def run_name(variant: str, setting: str) -> str:
@@ -43,123 +47,21 @@ def best_checkpoint(workdir: str, variant: str, setting: str) -> str:
     return storage.join(run_dir(workdir, variant, setting), "best")
 
 
-def split_arrays(products: Products, labels: Labels, categories: Categories, setting: str, split: str,
-                 query_mode: str = "name") -> dict[str, np.ndarray]:
-    """Model inputs of one split: product features, the label category's text embedding, label ids."""
-    mask = labels.split == split
-    lab = labels.by_setting[setting][mask]
-    _, label_ids = np.unique(lab, return_inverse=True)
-    return {"image": products.image[mask], "title": products.title[mask],
-            "attributes": products.attributes[mask],
-            "category": categories.text[query_mode][categories.index(lab)],
-            "label": label_ids.astype(np.int64), "row": np.arange(int(mask.sum()), dtype=np.int64)}
+def model_rows(batch: pa.Table, labeler, node_index: dict[str, int], split: str,
+               keep_fraction: float = 1.0) -> dict[str, np.ndarray]:
+    """One block of feature rows -> the model inputs of its products in ``split``: float32 features and, per
+    setting, the label as a category number (``label_<setting>``). ``keep_fraction`` samples by a seeded hash."""
+    from clipita.features import vectors
 
-
-def _dataset(arrays: dict[str, np.ndarray]):
-    import pyarrow as pa
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
-
-    cols = {k: (ArrowTensorArray.from_numpy(np.ascontiguousarray(v, np.float32)) if v.ndim == 2 else pa.array(v))
-            for k, v in arrays.items()}
-    return ray.data.from_arrow(pa.table(cols))
-
-
-def _load_whole(name: str) -> dict[str, np.ndarray]:
-    import ray.train
-
-    shard = ray.train.get_dataset_shard(name)
-    batches = list(shard.iter_batches(batch_size=None, batch_format="numpy"))
-    if not batches:
-        return {}
-    data = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    order = np.argsort(data.pop("row"), kind="stable")  # identical row order on every worker
-    return {k: v[order] for k, v in data.items()}
-
-
-def _batches(data: dict[str, np.ndarray], index: np.ndarray, size: int):
-    import torch
-
-    for s in range(0, len(index), size):
-        idx = index[s:s + size]
-        yield {k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in data.items()}
-
-
-def train_loop(config: dict) -> dict:
-    """Runs in every Ray Train worker."""
-    import ray.train
-    import torch
-    import torch.distributed as dist
-    from ray.train import Checkpoint
-    from ray.train.torch import prepare_model
-
-    from clipita.checkpoint import load_model, load_optimizer, save_checkpoint
-    from clipita.loss import ContrastiveLoss
-    from clipita.model import ClipIta, evaluate_loss, make_optimizer, train_step, unwrap
-
-    tc = TrainConfig(**config["train"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    train, val = _load_whole("train"), _load_whole("val")
-    n, batch = len(train["label"]), config["batch_size"]
-    global_batch = batch * world
-
-    torch.manual_seed(tc.seed)
-    model = ClipIta(HeadConfig(**config["head"]))
-    optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
-    history, best, start = [], float("inf"), 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(load_model(d).state_dict())
-            load_optimizer(d, optimizer)
-            meta = storage.read_json(storage.join(d, "config.json"))["metadata"]
-        history, best, start = meta["history"], meta["best"], meta["epoch"]
-        if rank == 0:
-            print(f"[{config['name']}] resuming after epoch {start}")
-    use_gpu = tc.use_gpu and torch.cuda.is_available()
-    model = prepare_model(model)  # DDP when world > 1; moves to this worker's device
-    autocast = torch.bfloat16 if use_gpu else None
-    loss_fn = ContrastiveLoss(tc.lam, tc.label_mask, gather=True)
-    val_loss_fn = ContrastiveLoss(tc.lam, tc.label_mask, gather=False)
-
-    for epoch in range(start, tc.epochs):
-        if config.get("fail_at_epoch") == epoch and rank == world - 1 and not os.path.exists(config["fail_marker"]):
-            open(config["fail_marker"], "w").close()
-            os._exit(1)  # test hook: a worker dies; FailureConfig restarts the group from the last checkpoint
-        t0 = time.time()
-        perm = np.random.default_rng([tc.seed, epoch]).permutation(n)
-        steps = n // global_batch
-        mine = perm[: steps * global_batch].reshape(steps, world, batch)[:, rank].reshape(-1)
-        losses = [train_step(model, loss_fn, optimizer, b, autocast_dtype=autocast)
-                  for b in _batches(train, mine, batch)]
-        train_loss = torch.tensor(float(np.mean(losses)))
-        if world > 1:  # the mean of the ranks' local losses is the loss of the global batch (clipita.loss)
-            dist.all_reduce(train_loss)
-            train_loss /= world
-        seconds = time.time() - t0
-        inner = unwrap(model)
-        val_loss = (evaluate_loss(inner, val_loss_fn, _batches(val, np.arange(len(val["label"])), global_batch))
-                    if val else float("nan"))
-        selection = val_loss if val else train_loss.item()  # no val split: select on the training loss
-        history.append({"epoch": epoch + 1, "train_loss": train_loss.item(), "val_loss": val_loss,
-                        "seconds": round(seconds, 3), "samples_per_s": round(steps * global_batch / seconds, 1),
-                        "tau": float(1 / inner.logit_scale.exp()),
-                        "attempt_start_epoch": start})  # where this (possibly restarted) worker group began
-        improved = selection < best
-        best = min(best, selection)
-        metrics = dict(history[-1], best=best)
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
-                meta = {"epoch": epoch + 1, "history": history, "best": best, "name": config["name"]}
-                save_checkpoint(d, inner, optimizer, meta)
-                if improved:
-                    save_checkpoint(storage.join(config["run_dir"], "best"), inner, None, meta)
-                storage.write_json(storage.join(config["run_dir"], "curve.json"), history)
-                print(f"[{config['name']}] epoch {epoch + 1}/{tc.epochs} train {train_loss.item():.4f} "
-                      f"val {val_loss:.4f} {history[-1]['samples_per_s']} samples/s")
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
-    return {"history": history, "best": best}
+    ids, paths = batch.column("product_id").to_pylist(), batch.column("category_path").to_pylist()
+    keep = np.array([labeler.split(p, path) == split and
+                     (keep_fraction >= 1 or unit_hash(labeler.seed, "sample", p) < keep_fraction)
+                     for p, path in zip(ids, paths)], dtype=bool)
+    out = {name: vectors(batch.column(column))[keep] for name, column in COLUMNS.items()}
+    for s in SETTINGS:
+        out[f"label_{s}"] = np.array([node_index[labeler.label(p, path, s)] for p, path, k in zip(ids, paths, keep)
+                                      if k], dtype=np.int64)
+    return out
 
 
 def finished(workdir: str, variant: str, setting: str, epochs: int) -> bool:
@@ -169,57 +71,248 @@ def finished(workdir: str, variant: str, setting: str, epochs: int) -> bool:
         storage.exists(storage.join(rd, "best", "config.json"))
 
 
-def train(workdir: str, variant: str, setting: str, cfg: Config, log=print,
-          fail_at_epoch: int | None = None, fail_marker: str | None = None) -> dict:
-    """Train one (variant, setting) run to cfg.train.epochs, resuming or skipping what is already done.
-    ``fail_at_epoch``/``fail_marker``: a test hook that kills one worker once at that epoch."""
+@dataclasses.dataclass
+class Run:
+    """One (variant, setting) model inside the shared training loop."""
+
+    name: str
+    setting: str
+    batch: int
+    run_dir: str
+    model: object
+    optimizer: object
+    history: list
+    best: float
+    start: int
+    seconds: float = 0.0
+    losses: list = dataclasses.field(default_factory=list)
+
+
+def _load_all(shard, batch_size: int = 8192) -> dict[str, np.ndarray]:
+    batches = list(shard.iter_batches(batch_size=batch_size, batch_format="numpy"))
+    if not batches:
+        return {}
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def _epoch_batches(tc: TrainConfig, shard, cached: dict | None, loader_batch: int, epoch: int, rank: int):
+    """This worker's loader batches of one epoch (numpy dicts of loader_batch rows, the last one shorter). Shards
+    are equal (streaming_split(equal=True)), so every rank gets the same batches' sizes and each run, taking only
+    whole batches of its own size (``_slices``), the same number of steps: the gathered loss needs that."""
+    if cached is not None:
+        n = len(cached["label_general"])
+        perm = np.random.default_rng([tc.seed, epoch, rank]).permutation(n)
+        for s in range(0, n, loader_batch):
+            idx = perm[s:s + loader_batch]
+            yield {k: v[idx] for k, v in cached.items()}
+        return
+    yield from shard.iter_batches(batch_size=loader_batch, batch_format="numpy",
+                                  local_shuffle_buffer_size=tc.shuffle_rows, local_shuffle_seed=tc.seed + epoch)
+
+
+def _tensors(rows: dict[str, np.ndarray], setting: str, categories):
+    import torch
+
+    labels = torch.from_numpy(np.ascontiguousarray(rows[f"label_{setting}"]))
+    out = {k: torch.from_numpy(np.ascontiguousarray(rows[k], dtype=np.float32)) for k in INPUTS}
+    return dict(out, category=categories[labels], label=labels)
+
+
+def _slices(rows: dict[str, np.ndarray], size: int, drop_last: bool = True):
+    n = len(rows["label_general"])
+    for s in range(0, n - size + 1 if drop_last else n, size):
+        yield {k: v[s:s + size] for k, v in rows.items()}
+
+
+def train_loop(config: dict) -> dict:
+    """Runs in every Ray Train worker: every run of ``config["runs"]``, epoch by epoch."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from ray.train.torch import prepare_model
+
+    from clipita.checkpoint import load_metadata, load_model, load_optimizer, save_checkpoint
+    from clipita.loss import ContrastiveLoss
+    from clipita.model import ClipIta, evaluate_loss, make_optimizer, train_step, unwrap
+
+    tc = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = tc.use_gpu and torch.cuda.is_available()
+    if not use_gpu and tc.cpus_per_worker >= 1:
+        torch.set_num_threads(int(tc.cpus_per_worker))  # Ray sets one OpenMP thread per reserved CPU otherwise
+    categories = torch.from_numpy(config["categories"])
+    runs: list[Run] = []
+    for spec in config["runs"]:
+        torch.manual_seed(tc.seed)
+        model = ClipIta(HeadConfig(**spec["head"]))
+        optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
+        history, best, start = [], float("inf"), 0
+        last = storage.join(spec["run_dir"], "last")
+        if storage.exists(storage.join(last, "config.json")):  # resume: a restarted group, or a re-run
+            model.load_state_dict(load_model(last).state_dict())
+            load_optimizer(last, optimizer)
+            meta = load_metadata(last)
+            history, best, start = meta["history"], meta["best"], meta["epoch"]
+        runs.append(Run(spec["name"], spec["setting"], spec["batch"], spec["run_dir"], prepare_model(model),
+                        optimizer, history, best, start))
+    if rank == 0 and any(r.start for r in runs):
+        print(f"train: resuming {', '.join(f'{r.name} after epoch {r.start}' for r in runs if r.start)}")
+    autocast = torch.bfloat16 if use_gpu else None
+    loss_fn = ContrastiveLoss(tc.lam, tc.label_mask, gather=True)
+    val_loss_fn = ContrastiveLoss(tc.lam, tc.label_mask, gather=False)
+    loader_batch = config["loader_batch"]
+    shard = ray.train.get_dataset_shard("train")
+    cached = _load_all(shard) if config["cache"] else None
+    val = _load_all(ray.train.get_dataset_shard("val")) if rank == 0 else {}
+
+    for epoch in range(min(r.start for r in runs), tc.epochs):
+        if config.get("fail_at_epoch") == epoch and rank == world - 1 and not os.path.exists(config["fail_marker"]):
+            open(config["fail_marker"], "w").close()
+            os._exit(1)  # test hook: a worker dies; FailureConfig restarts the group from the last checkpoint
+        active = [r for r in runs if r.start <= epoch]
+        t_epoch, steps = time.time(), 0
+        for r in active:
+            r.losses, r.seconds = [], 0.0
+        for rows in _epoch_batches(tc, shard, cached, loader_batch, epoch, rank):
+            steps += 1
+            for r in active:
+                t0 = time.time()
+                for part in _slices(rows, r.batch):
+                    r.losses.append(train_step(r.model, loss_fn, r.optimizer, _tensors(part, r.setting, categories),
+                                               autocast_dtype=autocast))
+                r.seconds += time.time() - t0
+        line = []
+        for r in active:
+            train_loss = torch.tensor(float(np.mean(r.losses)) if r.losses else float("nan"))
+            if world > 1:  # the mean of the ranks' local losses is the loss of the global batch (clipita.loss)
+                dist.all_reduce(train_loss)
+                train_loss /= world
+            inner = unwrap(r.model)
+            val_loss = float("nan")
+            if rank == 0 and val and len(val["label_general"]) >= 2:
+                size = min(r.batch * world, len(val["label_general"]))
+                val_loss = evaluate_loss(inner, val_loss_fn, (_tensors(p, r.setting, categories)
+                                                              for p in _slices(val, size, drop_last=False)))
+            selection = val_loss if not np.isnan(val_loss) else train_loss.item()
+            samples = len(r.losses) * r.batch * world
+            r.history.append({"epoch": epoch + 1, "train_loss": train_loss.item(), "val_loss": val_loss,
+                              "seconds": round(r.seconds, 3),
+                              "samples_per_s": round(samples / r.seconds, 1) if r.seconds else None,
+                              "tau": float(1 / inner.logit_scale.exp()),
+                              "attempt_start_epoch": r.start})  # where this (possibly restarted) group began
+            improved = selection < r.best
+            r.best = min(r.best, selection)
+            if rank == 0:
+                meta = {"epoch": epoch + 1, "history": r.history, "best": r.best, "name": r.name}
+                if improved:
+                    save_checkpoint(storage.join(r.run_dir, "best"), inner, None, meta)
+                if (epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs:
+                    save_checkpoint(storage.join(r.run_dir, "last"), inner, r.optimizer, meta)
+                storage.write_json(storage.join(r.run_dir, "curve.json"), r.history)
+            line.append(f"{r.name} {train_loss.item():.3f}/{val_loss:.3f}")
+        if rank == 0:
+            print(f"train: epoch {epoch + 1}/{tc.epochs} {time.time() - t_epoch:.1f} s, {steps} steps; "
+                  f"train/val loss {' '.join(line)}", flush=True)
+        ray.train.report({"epoch": epoch + 1})
+    return {r.name: {"history": r.history, "best": r.best} for r in runs}
+
+
+def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print,
+               fail_at_epoch: int | None = None, fail_marker: str | None = None) -> dict[str, dict]:
+    """Train every (variant, setting) run to cfg.train.epochs in one worker group, resuming or skipping what is
+    already done; returns each run's stats. ``fail_at_epoch``/``fail_marker``: a test hook that kills one worker
+    once at that epoch."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from clipita.features import census, labeler_for, load_categories, load_tree, products_dataset, vector_width
+
     tc = cfg.train
     workdir = storage.absolute(workdir)
-    name, rd = run_name(variant, setting), run_dir(workdir, variant, setting)
-    if finished(workdir, variant, setting, tc.epochs):
-        log(f"train: {name} already has {tc.epochs} epochs in {rd}; not training again")
-        return storage.read_json(storage.join(rd, "stats.json"))
+    out, todo = {}, []
+    for variant, setting in runs:
+        rd = run_dir(workdir, variant, setting)
+        if finished(workdir, variant, setting, tc.epochs):
+            log(f"train: {run_name(variant, setting)} already has {tc.epochs} epochs in {rd}; not training again")
+            out[run_name(variant, setting)] = storage.read_json(storage.join(rd, "stats.json"))
+        else:
+            todo.append((variant, setting))
+    if not todo:
+        return out
     t0 = time.time()
-    products, categories = load_products(workdir), load_categories(workdir)
-    labels = labels_for(products, cfg.data)
-    train_arrays = split_arrays(products, labels, categories, setting, "train", cfg.data.query_text)
-    val_arrays = split_arrays(products, labels, categories, setting, "val", cfg.data.query_text)
-    batch = tc.batch_for(setting)
-    n = len(train_arrays["label"])
-    if n < batch * max(1, tc.workers):
-        raise ValueError(f"train split of {setting} has {n} products, fewer than one global batch "
-                         f"({tc.workers} workers x {batch}); lower train.batch_size or add products")
-    head = HeadConfig(variant=variant, image_dim=products.image.shape[1], text_dim=products.title.shape[1],
-                      hidden_dim=tc.hidden_dim, output_dim=tc.output_dim, dropout=tc.dropout, tau=tc.tau,
-                      learnable_tau=tc.learnable_tau)
-    log(f"train: {name}: {n} train / {len(val_arrays['label'])} val products, "
-        f"{len(np.unique(train_arrays['label']))} categories, {tc.workers} workers x batch {batch}, "
-        f"{tc.epochs} epochs")
+    tree, categories = load_tree(workdir), load_categories(workdir)
+    labeler = labeler_for(workdir, cfg.data, tree)
+    counts = census(workdir, labeler)
+    n_train, n_val = counts.split_size("train"), counts.split_size("val")
+    workers = max(1, tc.workers)
+    batches = {s: tc.batch_for(s) for _, s in todo}
+    loader_batch = max(batches.values())
+    for setting, b in batches.items():
+        if n_train < b * workers:
+            raise ValueError(f"train split of {setting} has {n_train} products, fewer than one global batch "
+                             f"({tc.workers} workers x {b}); lower train.batch_size or add products")
+        if loader_batch % b:
+            raise ValueError(f"train: batch sizes {sorted(set(batches.values()))} of one group must divide the "
+                             f"largest; train them in separate jobs")
+    if n_train < loader_batch * workers:
+        raise ValueError(f"train split has {n_train} products, fewer than one loader batch of {loader_batch} per "
+                         f"worker x {tc.workers}; lower train.batch_size or add products")
+    text = categories.text[cfg.data.query_text]
+    node_index = {c: i for i, c in enumerate(categories.ids)}
+    dims = {k: vector_width(workdir, COLUMNS[k]) for k in ("image", "title")}
+    specs = []
+    for variant, setting in todo:
+        head = HeadConfig(variant=variant, image_dim=dims["image"], text_dim=dims["title"], hidden_dim=tc.hidden_dim,
+                          output_dim=tc.output_dim, dropout=tc.dropout, tau=tc.tau, learnable_tau=tc.learnable_tau)
+        specs.append({"name": run_name(variant, setting), "setting": setting, "batch": batches[setting],
+                      "run_dir": run_dir(workdir, variant, setting), "head": dataclasses.asdict(head)})
+    row_bytes = 4 * (dims["image"] + 2 * dims["title"]) + 8 * len(SETTINGS)
+    cache = n_train / workers * row_bytes <= tc.cache_mb * 2**20
+    columns = ["product_id", "category_path", *COLUMNS.values()]
+    rows_fn = dict(labeler=labeler, node_index=node_index)
+    train_ds = products_dataset(workdir, columns).map_batches(
+        model_rows, fn_kwargs=dict(rows_fn, split="train"), batch_format="pyarrow")
+    val_ds = products_dataset(workdir, columns).map_batches(
+        model_rows, fn_kwargs=dict(rows_fn, split="val", keep_fraction=min(1.0, tc.val_rows / max(1, n_val))),
+        batch_format="pyarrow")
+    log(f"train: {', '.join(s['name'] for s in specs)}: {n_train:,} train / {min(n_val, tc.val_rows):,} val "
+        f"products, {tc.workers} workers x batch {'/'.join(map(str, sorted(set(batches.values()))))}, "
+        f"{tc.epochs} epochs, shards {'cached in memory' if cache else 'streamed every epoch'}")
     fs, path = storage.arrow_filesystem(storage.join(workdir, "checkpoints"))
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"train": dataclasses.asdict(tc), "head": dataclasses.asdict(head), "batch_size": batch, "name": name,
-                           "run_dir": rd, "fail_at_epoch": fail_at_epoch, "fail_marker": fail_marker},
-        scaling_config=ray.train.ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu),
+        train_loop_config={"train": dataclasses.asdict(tc), "runs": specs, "loader_batch": loader_batch,
+                           "categories": np.ascontiguousarray(text, np.float32), "cache": cache,
+                           "fail_at_epoch": fail_at_epoch, "fail_marker": fail_marker},
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu,
+                                               resources_per_worker=None if tc.use_gpu or not tc.workers else
+                                               {"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=path, storage_filesystem=fs if storage.is_remote(workdir) else None,
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        datasets={"train": _dataset(train_arrays), "val": _dataset(val_arrays)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+            name="ray-train", storage_path=path, storage_filesystem=fs if storage.is_remote(workdir) else None,
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures)),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     trainer.fit()
-    history = storage.read_json(storage.join(rd, "curve.json"))
-    write_curve_png(storage.join(rd, "curve.png"), history, name)
-    stats = {"stage": "train", "run": name, "epochs": len(history), "train_products": n, "batch_size": batch,
-             "workers": tc.workers, "best_val_loss": min(h["val_loss"] for h in history),
-             "final_train_loss": history[-1]["train_loss"], "seconds": round(time.time() - t0, 2),
-             "samples_per_s": float(np.median([h["samples_per_s"] for h in history]))}
-    storage.write_json(storage.join(rd, "stats.json"), stats)
-    return stats
+    for spec in specs:
+        rd = spec["run_dir"]
+        history = storage.read_json(storage.join(rd, "curve.json"))
+        write_curve_png(storage.join(rd, "curve.png"), history, spec["name"])
+        rates = [h["samples_per_s"] for h in history if h["samples_per_s"]]
+        stats = {"stage": "train", "run": spec["name"], "epochs": len(history), "train_products": n_train,
+                 "batch_size": spec["batch"], "workers": tc.workers,
+                 "best_val_loss": min(h["val_loss"] for h in history),
+                 "final_train_loss": history[-1]["train_loss"], "seconds": round(time.time() - t0, 2),
+                 "runs_in_group": len(specs), "samples_per_s": float(np.median(rates)) if rates else None}
+        storage.write_json(storage.join(rd, "stats.json"), stats)
+        out[spec["name"]] = stats
+    return out
+
+
+def train(workdir: str, variant: str, setting: str, cfg: Config, log=print, **hooks) -> dict:
+    """One (variant, setting) run (``train_runs`` with a single run)."""
+    return train_runs(workdir, [(variant, setting)], cfg, log, **hooks)[run_name(variant, setting)]
 
 
 def write_curve_png(uri: str, history: list[dict], title: str) -> None:

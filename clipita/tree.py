@@ -78,14 +78,13 @@ class Labels:
         return set(lab[self.split == "test"]) - set(lab[self.split == "train"])
 
 
-def holdout_nodes(paths: Sequence[Sequence[str]], fraction: float, seed: int = 0) -> set[str]:
+def holdout_nodes(tree: "CategoryTree", fraction: float, seed: int = 0) -> set[str]:
     """Categories held out of training whole: at every depth, ``fraction`` of the nodes not already under a held
     node (at least one where a depth has two or more), chosen by the seeded hash. Their products all go to the
     test split, so every setting has unseen categories to measure (the product promise: categories never seen
-    in training)."""
+    in training). Needs only the tree (per-category state), never the products."""
     if fraction <= 0:
         return set()
-    tree = CategoryTree(paths)
     held: set[str] = set()
     for depth in range(1, max((n.depth for n in tree.nodes.values()), default=0) + 1):
         free = [c for c, n in tree.nodes.items() if n.depth == depth and not (set(tree.ancestors(c)) & held)]
@@ -96,19 +95,42 @@ def holdout_nodes(paths: Sequence[Sequence[str]], fraction: float, seed: int = 0
     return held
 
 
+@dataclass(frozen=True)
+class Labeler:
+    """Split and labels of any product from its id and path alone, so they are computed where the rows are (a
+    Ray task or actor over one block) with the same result everywhere. Built once on the driver from the tree."""
+
+    seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    held: frozenset = frozenset()  # categories held out of training whole (their products go to test)
+
+    @classmethod
+    def build(cls, tree: "CategoryTree", seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1,
+              unseen_fraction: float = 0.0) -> "Labeler":
+        return cls(seed, val_fraction, test_fraction, frozenset(holdout_nodes(tree, unseen_fraction, seed)))
+
+    def split(self, product_id: str, path: Sequence[str]) -> str:
+        if self.held and any(category_id(path[:d]) in self.held for d in range(1, len(path) + 1)):
+            return "test"
+        return split_of(product_id, self.seed, self.val_fraction, self.test_fraction)
+
+    def label(self, product_id: str, path: Sequence[str], setting: str) -> str:
+        return label(path, setting, product_id, self.seed)
+
+    def __call__(self, product_ids: Sequence[str], paths: Sequence[Sequence[str]]) -> Labels:
+        ids = np.asarray(list(product_ids), dtype=object)
+        out = Labels(ids, np.array([self.split(p, path) for p, path in zip(ids, paths)], dtype=object))
+        for s in SETTINGS:
+            out.by_setting[s] = np.array([label(path, s, p, self.seed) for p, path in zip(ids, paths)], dtype=object)
+        return out
+
+
 def assign_labels(product_ids: Sequence[str], paths: Sequence[Sequence[str]], seed: int = 0,
                   val_fraction: float = 0.1, test_fraction: float = 0.1, unseen_fraction: float = 0.0) -> Labels:
-    ids = np.asarray(list(product_ids), dtype=object)
-    split = np.array([split_of(p, seed, val_fraction, test_fraction) for p in ids], dtype=object)
-    held = holdout_nodes(paths, unseen_fraction, seed)
-    if held:
-        for i, path in enumerate(paths):
-            if any(category_id(path[:d]) in held for d in range(1, len(path) + 1)):
-                split[i] = "test"
-    out = Labels(ids, split)
-    for s in SETTINGS:
-        out.by_setting[s] = np.array([label(path, s, p, seed) for p, path in zip(ids, paths)], dtype=object)
-    return out
+    """Labels of a whole product list in one process (small catalogues and tests; jobs use a Labeler per block)."""
+    paths = list(paths)
+    return Labeler.build(CategoryTree(paths), seed, val_fraction, test_fraction, unseen_fraction)(product_ids, paths)
 
 
 @dataclass
@@ -137,6 +159,19 @@ class CategoryTree:
                         self.nodes[parent].children.append(cid)
                 node.products += 1
                 parent = cid
+
+    @classmethod
+    def from_table(cls, table) -> "CategoryTree":
+        """The tree of ``features/categories.parquet`` (one row per node, product counts included), so that no
+        stage needs the products' paths to know the tree."""
+        tree = cls(())
+        rows = sorted(zip(*(table.column(c).to_pylist() for c in ("category", "name", "depth", "parent",
+                                                                      "products"))), key=lambda r: r[2])
+        for cid, name, depth, parent, products in rows:  # parents first
+            tree.nodes[cid] = Node(cid, name, depth, parent, products=products)
+            if parent is not None:
+                tree.nodes[parent].children.append(cid)
+        return tree
 
     def __len__(self) -> int:
         return len(self.nodes)

@@ -3,17 +3,19 @@
     python -m jobs.synth --out demo-catalog --products 20000 [--seed 0] [--workers 8]
     python -m jobs.synth --out s3://bucket/catalogs/demo --products 100000
     ray job submit --working-dir . -- python -m jobs.synth --out s3://bucket/catalogs/demo --products 100000
+    python -m jobs.synth --features-only --out WORKDIR --products 1000000   # features/ directly, no images
 
 A small CPU job: it does not use Ray, only a pool of local processes (``--workers``, default min(CPUs, 8)).
 Under ``ray job submit`` it runs on the head node; write to ``s3://`` there so that other jobs can read it.
-The same seed gives byte-identical output whatever ``--workers`` is.
+The same seed gives byte-identical output whatever ``--workers`` is. ``--features-only`` writes a workdir instead
+of a catalogue: the features jobs.embed would write, at production widths, without images (clipita/synth_features.py).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from clipita import storage, synth
+from clipita import storage, synth, synth_features
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,12 +26,25 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m jobs.synth", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="catalogue folder or s3:// prefix to write")
+    parser.add_argument("--out", required=True, help="catalogue (workdir with --features-only) folder or s3:// "
+                        "prefix to write")
     parser.add_argument("--products", type=int, required=True, help="number of products (>= 1)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same catalogue (>= 0)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: min(CPUs, 8))")
+    parser.add_argument("--features-only", action="store_true",
+                        help="write a features workdir at production widths directly (no images, no encoders), "
+                        "for scale benchmarks and bring-your-own-embeddings users")
     args = parser.parse_args(argv)
 
+    if args.features_only:
+        try:
+            stats = synth_features.write_features(args.out, args.products, seed=args.seed, workers=args.workers,
+                                                  log=lambda line: print(line, file=sys.stderr))
+        except (ValueError, storage.StorageError) as e:
+            parser.error(str(e).splitlines()[0])
+        print(f"synth: wrote features of {stats['used']:,} products in {stats['categories']:,} categories to "
+              f"{args.out} in {stats['seconds']:.1f} s ({stats['products_per_s']:,.0f} products/s)")
+        return 0
     try:
         summary = synth.write_catalog(args.out, args.products, seed=args.seed, workers=args.workers)
     except (ValueError, storage.StorageError) as e:
