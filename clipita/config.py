@@ -112,15 +112,14 @@ class TrainConfig:
     use_gpu: bool = False  # one GPU per worker, bf16 autocast
     cpus_per_worker: float = 1.0  # CPUs a CPU worker reserves; also its torch thread count
     checkpoint_every: int = 5  # epochs between last/ checkpoints (model + optimizer); also after the final epoch
-    cache_mb: int = 1024  # a worker keeps its train shard in memory when it fits, else re-reads it every epoch
+    cache_mb: int = 1024  # a worker keeps its train shard in memory when it fits, else re-reads it every epoch (0: never)
     shuffle_rows: int = 20000  # local shuffle buffer of a streamed (uncached) shard
     val_rows: int = 20000  # most validation products (a seeded sample) worker 0 evaluates each epoch
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     seed: int = 0  # model init and per-epoch shuffling
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "hidden_dim", "output_dim", "checkpoint_every", "cache_mb", "shuffle_rows",
-                     "val_rows"):
+        for name in ("epochs", "hidden_dim", "output_dim", "checkpoint_every", "shuffle_rows", "val_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         _check_range("train.workers", self.workers, 0, 10000)
@@ -132,6 +131,7 @@ class TrainConfig:
         _check_range("train.dropout", self.dropout, 0.0, 0.99)
         _check_range("train.max_failures", self.max_failures, 0, 1000)
         _check_range("train.cpus_per_worker", self.cpus_per_worker, 0.1, 1024)
+        _check_range("train.cache_mb", self.cache_mb, 0, 10**7)
 
     def batch_for(self, setting: str) -> int:
         return self.batch_size or (8 if setting == "general" else 128)

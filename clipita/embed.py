@@ -5,17 +5,23 @@ The unit of work, of output and of resume is a *part*: a slice of ``part_rows`` 
 a part whose features file exists is finished (an object store PUT is atomic), so a re-run skips it and never
 duplicates a product.
 
-Pipeline: plan parts on the driver (reads only the product_id column, to find duplicates) -> ``ReadParts`` (CPU
-tasks: read the file slice, validate rows, fetch image bytes with a thread pool, decode and resize to uint8) ->
-``ProductEmbedder`` (an autoscaling actor pool, GPU when configured: image + title + attribute encoders) -> the
-driver gathers rows by part and writes each part as soon as all its rows have arrived. Quarantined rows travel
-with the others (``reason`` set, no pixels) so every row of a part is accounted for before it is written.
-Finally every category of the tree is embedded once (``features/categories.parquet``).
+Pipeline, with nothing per product on the driver:
+1. plan: parts from the files' parquet footers; duplicate ids and the category tree from one Ray task per file
+   (ids hashed into buckets, one reduce task per bucket keeps the ids seen twice; paths counted per file);
+2. the tree is embedded in a Ray task (``embed_tree``) that runs beside the stream;
+3. ``ReadParts`` (CPU workers: read the part's rows, validate them, fetch image bytes with a thread pool, decode
+   and resize to uint8) -> ``EmbedParts`` (an autoscaling actor pool, GPU when configured: image + title +
+   attribute encoders over a whole part, which it then writes itself) -> the driver reads one small stats row
+   per part. Quarantined rows travel with the others (``reason`` set, no pixels) so every row of a part is
+   accounted for before it is written;
+4. ``features/categories.parquet``: the embedded tree with the product counts of the features (Ray tasks).
 """
 from __future__ import annotations
 
 import dataclasses
 import time
+import zlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -26,9 +32,9 @@ import pyarrow.parquet as pq
 
 from clipita import catalog, storage
 from clipita.config import Config, EmbedConfig, EncoderConfig
-from clipita.tree import CategoryTree, query_text
+from clipita.tree import CategoryTree, category_id, query_text
 
-PRODUCT_COLUMNS = ("product_id", "title", "attributes", "category_path", "image")
+IDS_PER_BUCKET = 2_000_000  # ids one duplicate-finding reduce task holds
 
 
 def features_dir(workdir: str) -> str:
@@ -43,23 +49,68 @@ class Part:
     stop: int
 
 
-def plan_parts(root: str, part_rows: int) -> tuple[list[Part], dict[str, int]]:
-    """All parts of the catalogue, and the duplicated ids (id -> rows) across all its files."""
-    files = catalog.product_files(root)
-    parts, id_tables = [], []
-    for fi, uri in enumerate(files):
+def plan_parts(root: str, part_rows: int) -> list[Part]:
+    """All parts of the catalogue, from the files' footers (row counts) and schemas."""
+    parts = []
+    for fi, uri in enumerate(catalog.product_files(root)):
         fs, path = storage.arrow_filesystem(uri)
         try:
-            schema = pq.read_schema(path, filesystem=fs)
+            meta = pq.read_metadata(path, filesystem=fs)
         except (pa.ArrowInvalid, OSError) as e:
             raise catalog.CatalogError(f"cannot read {uri} as parquet: {str(e).splitlines()[0]}") from None
-        catalog.check_columns(schema.empty_table(), uri)
-        ids = pq.read_table(path, columns=["product_id"], filesystem=fs)
-        id_tables.append(ids)
-        for start in range(0, ids.num_rows, part_rows):
-            stop = min(start + part_rows, ids.num_rows)
-            parts.append(Part(f"f{fi:05d}-r{start:09d}", uri, start, stop))
-    return parts, catalog.duplicate_ids(id_tables)
+        catalog.check_columns(meta.schema.to_arrow_schema().empty_table(), uri)
+        for start in range(0, meta.num_rows, part_rows):
+            parts.append(Part(f"f{fi:05d}-r{start:09d}", uri, start, min(start + part_rows, meta.num_rows)))
+    return parts
+
+
+def _bucket(product_id: str, buckets: int) -> int:
+    return zlib.crc32(product_id.encode()) % buckets  # stable across processes (Python's hash() is not)
+
+
+def _scan_file(uri: str, buckets: int) -> list:
+    """Map side of the catalogue scan: the file's ids split into buckets, and its valid paths counted."""
+    fs, path = storage.arrow_filesystem(uri)
+    table = pq.read_table(path, columns=["product_id", "category_path"], filesystem=fs)
+    out: list = [[] for _ in range(buckets)]
+    for pid in catalog._ids(table):
+        if pid is not None:
+            out[_bucket(pid, buckets)].append(pid)
+    paths: Counter = Counter()
+    try:
+        for p in table.column("category_path").to_pylist():
+            if p and all(isinstance(n, str) and n.strip() for n in p):
+                paths[tuple(n.strip() for n in p)] += 1
+    except (TypeError, pa.ArrowInvalid):  # a file with a malformed path column: its rows are quarantined later
+        pass
+    return [*out, paths]
+
+
+def _duplicates(*id_lists: list) -> dict[str, int]:
+    """Reduce side: ids of one bucket seen more than once (with their row count)."""
+    counts = Counter(i for ids in id_lists for i in ids)
+    return {k: n for k, n in counts.items() if n > 1}
+
+
+def scan_catalog(parts: list[Part]) -> tuple[dict[str, int], Counter]:
+    """Duplicated ids (id -> rows) over the whole catalogue, and the count of every category path, by Ray tasks:
+    no process holds every id (the reduce tasks hold a bucket of ~IDS_PER_BUCKET each)."""
+    import ray
+
+    files = sorted({p.file for p in parts})
+    rows = sum(p.stop - p.start for p in parts)
+    buckets = max(1, -(-rows // IDS_PER_BUCKET))
+    scan = ray.remote(num_cpus=1, num_returns=buckets + 1)(_scan_file)
+    outs = [scan.remote(f, buckets) for f in files]
+    outs = [o if isinstance(o, list) else [o] for o in outs]
+    reduce = ray.remote(num_cpus=1)(_duplicates)
+    dups: dict[str, int] = {}
+    for d in ray.get([reduce.remote(*[o[b] for o in outs]) for b in range(buckets)]):
+        dups.update(d)
+    paths: Counter = Counter()
+    for counter in ray.get([o[buckets] for o in outs]):
+        paths.update(counter)
+    return dups, paths
 
 
 def _fetch(uri: str, max_bytes: int) -> bytes:
@@ -77,18 +128,28 @@ class ReadParts:
     def __init__(self, root: str, duplicates: dict[str, int], image_size: int, cfg: EmbedConfig):
         self.root, self.duplicates, self.size, self.cfg = root, duplicates, image_size, cfg
         self.pool = ThreadPoolExecutor(cfg.fetch_threads)
-        self._file: tuple[str, pa.Table] | None = None
+        self._groups: tuple | None = None  # (uri, row groups, first row, table) of the last read
 
     def rows(self, uri: str, start: int, stop: int) -> pa.Table:
-        """Rows [start, stop) of a catalogue file. Parts of one file arrive in order, so keeping the last file's
-        product table (metadata only, no images) reads each file once per worker instead of once per part."""
-        if self._file is None or self._file[0] != uri:
-            fs, path = storage.arrow_filesystem(uri)
-            self._file = (uri, pq.read_table(path, filesystem=fs))
-        return self._file[1].slice(start, stop - start)
+        """Rows [start, stop) of a catalogue file, reading only the row groups that hold them. Parts of one file
+        arrive in order, so the last row groups read are kept (metadata only, no images): a file written as one
+        large row group is read once per worker, not once per part."""
+        fs, path = storage.arrow_filesystem(uri)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            wanted, offset, first = [], 0, None
+            for i in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(i).num_rows
+                if offset + n > start and offset < stop:
+                    wanted.append(i)
+                    first = offset if first is None else first
+                offset += n
+            if self._groups is None or self._groups[:2] != (uri, tuple(wanted)):
+                self._groups = (uri, tuple(wanted), first or 0, pf.read_row_groups(wanted))
+        return self._groups[3].slice(start - self._groups[2], stop - start)
 
     def load(self, location: str) -> tuple[np.ndarray | None, str]:
-        from clipita.encoders import ImageError, load_image
+        from clipita.images import ImageError, load_image
 
         uri = storage.resolve(self.root, location)
         try:
@@ -128,6 +189,7 @@ class ReadParts:
             np.zeros((0, self.size, self.size, 3), np.uint8)))
 
 
+PRODUCT_COLUMNS = ("product_id", "title", "attributes", "category_path", "image")
 ROW_SCHEMA = catalog.SCHEMA.append(pa.field("part", pa.string())).append(pa.field("reason", pa.string())) \
     .append(pa.field("source", pa.string()))
 
@@ -137,35 +199,51 @@ def _append(out: dict[str, list], row: dict) -> None:
         out[c].append(row[c])
 
 
-class ProductEmbedder:
-    """Actor stage: frozen image, title and attribute encoders over a batch of rows (rows with a reason skip)."""
+class EmbedParts:
+    """Actor stage: whole parts in -> the frozen encoders over their usable rows -> each part written (quarantine
+    first, then features) -> one stats row per part out. Writing here, not on the driver, keeps every product off
+    the driver."""
 
-    def __init__(self, enc: EncoderConfig, cfg: EmbedConfig):
+    def __init__(self, workdir: str, enc: EncoderConfig, cfg: EmbedConfig, expected: dict[str, int]):
         import torch
 
         from clipita.encoders import ImageEncoder, TextEncoder
 
         if cfg.gpus_per_actor == 0 and cfg.cpus_per_actor >= 1:
             torch.set_num_threads(int(cfg.cpus_per_actor))
+        self.workdir, self.expected, self.batch_size = workdir, expected, cfg.batch_size
         self.image, self.text = ImageEncoder(enc), TextEncoder(enc)
         self.dtype = np.dtype(cfg.dtype)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        ok = np.asarray(batch.column("reason").to_pylist()) == ""
+    def encode(self, rows: pa.Table) -> pa.Table:
+        ok = np.asarray(rows.column("reason").to_pylist()) == ""
         n = len(ok)
         image = np.zeros((n, self.image.dim), self.dtype)
         title = np.zeros((n, self.text.dim), self.dtype)
         attrs = np.zeros((n, self.text.dim), self.dtype)
         if ok.any():
-            pixels = batch.column("pixels").combine_chunks().to_numpy()
-            image[ok] = self.image.encode(pixels[ok])
-            title[ok] = self.text.encode([t for t, k in zip(batch.column("title").to_pylist(), ok) if k])
+            pixels = rows.column("pixels").combine_chunks().to_numpy()
+            image[ok] = self.image.encode(pixels[ok], self.batch_size)
+            title[ok] = self.text.encode([t for t, k in zip(rows.column("title").to_pylist(), ok) if k],
+                                         self.batch_size)
             attrs[ok] = self.text.encode_attributes(
-                [a for a, k in zip(batch.column("attributes").to_pylist(), ok) if k])
-        out = batch.drop_columns(["pixels"])
+                [a for a, k in zip(rows.column("attributes").to_pylist(), ok) if k], self.batch_size)
+        out = rows.drop_columns(["pixels"])
         for name, values in (("image_emb", image), ("title_emb", title), ("attr_emb", attrs)):
             out = out.append_column(name, _vector_column(values))
         return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        stats: dict[str, list] = {"part": [], "used": [], "quarantined": []}
+        for part in pc.unique(batch.column("part")).to_pylist():
+            rows = batch.filter(pc.equal(batch.column("part"), part))
+            if rows.num_rows != self.expected[part]:  # a part split across blocks would be written incomplete
+                raise RuntimeError(f"embed: part {part} arrived with {rows.num_rows} of {self.expected[part]} rows")
+            used, quarantined = write_part(self.workdir, part, self.encode(rows))
+            for k, v in (("part", part), ("used", used), ("quarantined", quarantined)):
+                stats[k].append(v)
+        return pa.table(stats, schema=pa.schema([("part", pa.string()), ("used", pa.int64()),
+                                                 ("quarantined", pa.int64())]))
 
 
 def _vector_column(rows: np.ndarray) -> pa.Array:
@@ -191,49 +269,79 @@ def write_part(workdir: str, part: str, rows: pa.Table) -> tuple[int, int]:
     return good.num_rows, bad.num_rows
 
 
-def finished_parts(workdir: str) -> set[str]:
-    fs, path = storage.filesystem(storage.join(features_dir(workdir), "products"))
+def _parquet_names(uri: str) -> list[str]:
+    fs, path = storage.filesystem(uri)
     try:
-        return {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in fs.ls(path, detail=False) if p.endswith(".parquet")}
+        return sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
     except FileNotFoundError:
-        return set()
+        return []
+
+
+def finished_parts(workdir: str) -> set[str]:
+    return {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in _parquet_names(storage.join(features_dir(workdir),
+                                                                                           "products"))}
 
 
 def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """All parquet files of a folder (local or s3) as one table, files in name order."""
-    fs, path = storage.filesystem(uri)
-    try:
-        files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
-    except FileNotFoundError:
-        files = []
+    """All parquet files of a folder (local or s3) as one table, files in name order (small folders, tests)."""
+    files = _parquet_names(uri)
     if not files:
         raise FileNotFoundError(f"no parquet files under {uri}")
     afs, _ = storage.arrow_filesystem(uri)
     return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=afs) for f in files])
 
 
-def embed_categories(workdir: str, cfg: Config) -> int:
-    """Embed every node of the category tree of the embedded products: name and full-path texts, with the
-    sentence encoder (for the trained heads and MPNet) and the CLIP text tower (for zero-shot CLIP)."""
+def embed_tree(paths: list[tuple[str, ...]], cfg: Config) -> pa.Table:
+    """Every node of the tree of ``paths``: name and full-path texts embedded with the sentence encoder (for the
+    trained heads and MPNet) and the CLIP text tower (for zero-shot CLIP). Runs as a Ray task beside the stream."""
     from clipita.encoders import ImageEncoder, TextEncoder
 
-    paths = read_parquet_dir(storage.join(features_dir(workdir), "products"), ["category_path"])
-    tree = CategoryTree(paths.column("category_path").to_pylist())
+    tree = CategoryTree(paths)
     ids = sorted(tree.nodes)
-    if not ids:  # nothing usable was embedded: there is no tree to embed
-        return 0
     names = [query_text(c, "name") for c in ids]
     text, image = TextEncoder(cfg.encoders), ImageEncoder(cfg.encoders)
     prompt = cfg.encoders.clip_prompt
-    table = pa.table({
+    return pa.table({
         "category": ids, "name": names, "depth": [tree.depth(c) for c in ids],
-        "parent": [tree.parent(c) for c in ids], "products": [tree.nodes[c].products for c in ids],
+        "parent": [tree.parent(c) for c in ids],
         "text_name": _vector_column(text.encode(names)), "text_path": _vector_column(text.encode(ids)),
         "clip_name": _vector_column(image.encode_text([prompt.format(n) for n in names])),
         "clip_path": _vector_column(image.encode_text([prompt.format(c) for c in ids])),
     })
-    _write_parquet(storage.join(features_dir(workdir), "categories.parquet"), table)
-    return len(ids)
+
+
+def _count_outputs(features: list[str], quarantine: list[str]) -> tuple[int, Counter, Counter]:
+    """Rows of feature files (from their footers), their category nodes, and the quarantine reasons."""
+    used, nodes, reasons = 0, Counter(), Counter()
+    afs = None
+    for f in features:
+        afs = afs or storage.arrow_filesystem(f)[0]
+        t = pq.read_table(storage.filesystem(f)[1], columns=["category_path"], filesystem=afs)
+        used += t.num_rows
+        for path in t.column("category_path").to_pylist():
+            nodes.update(category_id(path[:d]) for d in range(1, len(path) + 1))
+    for f in quarantine:
+        afs = afs or storage.arrow_filesystem(f)[0]
+        reasons.update(pq.read_table(storage.filesystem(f)[1], columns=["reason"], filesystem=afs)
+                       .column("reason").to_pylist())
+    return used, nodes, reasons
+
+
+def count_outputs(workdir: str, files_per_task: int = 64) -> tuple[int, Counter, Counter]:
+    """Products written, products per category node and quarantine reasons over every finished part (this run's
+    and earlier ones'), by Ray tasks over the files."""
+    import ray
+
+    prefix = "s3://" if workdir.startswith("s3://") else ""
+    feats = [prefix + f for f in _parquet_names(storage.join(features_dir(workdir), "products"))]
+    quarantine = [prefix + f for f in _parquet_names(storage.join(workdir, "quarantine"))]
+    task = ray.remote(num_cpus=1)(_count_outputs)
+    refs = [task.remote(feats[i:i + files_per_task], []) for i in range(0, len(feats), files_per_task)]
+    refs += [task.remote([], quarantine[i:i + files_per_task]) for i in range(0, len(quarantine), files_per_task)]
+    used, nodes, reasons = 0, Counter(), Counter()
+    for u, n, r in ray.get(refs):
+        used, nodes, reasons = used + u, nodes + n, reasons + r
+    return used, nodes, reasons
 
 
 def run_embed(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
@@ -246,7 +354,7 @@ def run_embed(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
     t0 = time.time()
     ec = cfg.embed
     catalog_root, workdir = storage.absolute(catalog_root), storage.absolute(workdir)
-    parts, dups = plan_parts(catalog_root, ec.part_rows)
+    parts = plan_parts(catalog_root, ec.part_rows)
     storage.write_json(storage.join(workdir, "catalog.json"), {"catalog": catalog_root})
     recorded = storage.join(features_dir(workdir), "encoders.json")
     if storage.exists(recorded) and storage.read_json(recorded) != dataclasses.asdict(cfg.encoders):
@@ -257,56 +365,50 @@ def run_embed(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
     todo = [p for p in parts if p.name not in done]
     log(f"embed: {len(parts)} parts ({sum(p.stop - p.start for p in parts)} rows) in {catalog_root}; "
         f"{len(parts) - len(todo)} already finished, {len(todo)} to do")
-    expected = {p.name: p.stop - p.start for p in todo}
+    categories_uri = storage.join(features_dir(workdir), "categories.parquet")
+    tree_ref = None
     used = quarantined = 0
+    if todo or not storage.exists(categories_uri):
+        dups, paths = scan_catalog(parts)
+        if paths:  # the tree is embedded beside the stream, on the encoders' device
+            tree_ref = ray.remote(num_cpus=min(1.0, ec.cpus_per_actor), num_gpus=ec.gpus_per_actor or None)(
+                embed_tree).remote(sorted(paths), cfg)
     if todo:
         image_size, _, _ = image_preprocess_spec(cfg.encoders)
+        ctx = ray.data.DataContext.get_current()
+        # a part must reach EmbedParts as one block: never split a block below a whole part's pixels
+        ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 2 * ec.part_rows * image_size ** 2 * 3)
         items = [{"name": p.name, "file": p.file, "start": p.start, "stop": p.stop} for p in todo]
+        expected = {p.name: p.stop - p.start for p in todo}
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(ReadParts, batch_size=1, fn_constructor_args=(catalog_root, dups, image_size, ec),
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(ec.read_workers, len(todo))),
                             num_cpus=1)
-        ds = ds.map_batches(ProductEmbedder, batch_size=ec.batch_size, fn_constructor_args=(cfg.encoders, ec),
-                            batch_format="pyarrow", udf_modifying_row_count=False,
+        ds = ds.map_batches(EmbedParts, batch_size=None, fn_constructor_args=(workdir, cfg.encoders, ec, expected),
+                            batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(min_size=ec.min_actors, max_size=ec.max_actors),
                             num_cpus=ec.cpus_per_actor, num_gpus=ec.gpus_per_actor or None)
-        pending: dict[str, list[pa.Table]] = {}
-        counts: dict[str, int] = {}
-        last = time.time()
+        last, total = time.time(), sum(expected.values())
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for part in pc.unique(batch.column("part")).to_pylist():
-                rows = batch.filter(pc.equal(batch.column("part"), part))
-                pending.setdefault(part, []).append(rows)
-                counts[part] = counts.get(part, 0) + rows.num_rows
-                if counts[part] == expected[part]:
-                    u, q = write_part(workdir, part, pa.concat_tables(pending.pop(part)))
-                    used, quarantined = used + u, quarantined + q
+            used += pc.sum(batch.column("used")).as_py() or 0
+            quarantined += pc.sum(batch.column("quarantined")).as_py() or 0
             if time.time() - last > 10:
                 last = time.time()
-                n = used + quarantined
-                log(f"embed: {n}/{sum(expected.values())} rows, {used / (last - t0):.1f} products/s")
-        if pending:
-            raise RuntimeError(f"embed: parts {sorted(pending)[:3]} did not receive all their rows")
+                log(f"embed: {used + quarantined}/{total} rows, {used / (last - t0):.1f} products/s")
     seconds = time.time() - t0
-    n_categories = embed_categories(workdir, cfg) if todo or not storage.exists(
-        storage.join(features_dir(workdir), "categories.parquet")) else None
-    stats = summarise(workdir, parts, seconds, used, len(todo))
-    stats["categories"] = n_categories
+    n_used, nodes, reasons = count_outputs(workdir)
+    n_categories = None
+    if tree_ref is not None:
+        tree = ray.get(tree_ref)
+        keep = pa.array([nodes.get(c, 0) > 0 for c in tree.column("category").to_pylist()])
+        tree = tree.filter(keep)  # nodes of quarantined rows only: not part of the embedded catalogue's tree
+        tree = tree.add_column(4, "products", pa.array([nodes[c] for c in tree.column("category").to_pylist()],
+                                                       pa.int64()))
+        _write_parquet(categories_uri, tree)
+        n_categories = tree.num_rows
+    stats = {"stage": "embed", "read": sum(p.stop - p.start for p in parts), "used": n_used,
+             "quarantined": sum(reasons.values()), "reasons": dict(reasons), "parts": len(parts),
+             "parts_this_run": len(todo), "seconds": round(seconds, 2), "embedded_this_run": used,
+             "products_per_s": round(used / seconds, 2) if seconds > 0 else None, "categories": n_categories}
     storage.write_json(storage.join(features_dir(workdir), "stats.json"), stats)
     return stats
-
-
-def summarise(workdir: str, parts: list[Part], seconds: float, embedded_now: int, parts_now: int) -> dict:
-    """Counts over all finished parts (this run and earlier ones), so a resumed run reports the whole catalogue."""
-    used = read_parquet_dir(storage.join(features_dir(workdir), "products"), ["product_id"]).num_rows
-    try:
-        q = read_parquet_dir(storage.join(workdir, "quarantine"), ["reason"]).column("reason").to_pylist()
-    except FileNotFoundError:
-        q = []
-    reasons: dict[str, int] = {}
-    for r in q:
-        reasons[r] = reasons.get(r, 0) + 1
-    return {"stage": "embed", "read": sum(p.stop - p.start for p in parts), "used": used, "quarantined": len(q),
-            "reasons": reasons, "parts": len(parts), "parts_this_run": parts_now, "seconds": round(seconds, 2),
-            "embedded_this_run": embedded_now,
-            "products_per_s": round(embedded_now / seconds, 2) if seconds > 0 else None}

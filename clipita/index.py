@@ -168,10 +168,7 @@ class ShardedIndex:
         counts = np.array([e["count"] for e in entries], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.first_keys = np.array([e["first_key"] for e in entries], dtype=np.int64)
-        rows_dir = _relative(uri, self.manifest.get("rows_dir", ""))
-        self.rows = pa.concat_tables(
-            [_read_rows(storage.join(rows_dir, f"{e['name']}.parquet"), list(columns), e["count"], uri)
-             for e in entries]) if columns and entries else None
+        self.rows = read_rows(uri, self.manifest, list(columns)) if columns else None
         self.shards = []
         for entry in entries:
             shard_uri = storage.join(uri, f"{entry['name']}.usearch")
@@ -252,14 +249,21 @@ def _relative(uri: str, rel: str) -> str:
     return f"{scheme}://{out}" if scheme else out
 
 
-def _read_rows(uri: str, columns: list[str], count: int, group: str) -> pa.Table:
-    try:
-        t = pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=columns)
-    except storage.StorageError:
-        raise IndexIntegrityError(f"index {group}: rows file {uri} is missing: rebuild it with jobs.index") from None
-    if t.num_rows != count:
-        raise IndexIntegrityError(f"index {group}: {uri} has {t.num_rows} rows, manifest says {count}")
-    return t
+def read_rows(uri: str, manifest: dict, columns: list[str]) -> pa.Table:
+    """The rows of a group's shards (in row-position order) as one Arrow table: compact strings, no Python object
+    per product."""
+    rows_dir = _relative(uri, manifest.get("rows_dir", ""))
+    tables = []
+    for e in manifest["shards"]:
+        file = storage.join(rows_dir, f"{e['name']}.parquet")
+        try:
+            t = pq.read_table(pa.BufferReader(storage.read_bytes(file)), columns=columns)
+        except storage.StorageError:
+            raise IndexIntegrityError(f"index {uri}: rows file {file} is missing: rebuild it with jobs.index") from None
+        if t.num_rows != e["count"]:
+            raise IndexIntegrityError(f"index {uri}: {file} has {t.num_rows} rows, manifest says {e['count']}")
+        tables.append(t)
+    return pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in columns})
 
 
 def dense_groups(workdir: str, settings) -> list[tuple[str, str | None]]:

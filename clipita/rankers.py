@@ -145,28 +145,36 @@ class HeadRanker(DenseRanker):
 
 
 class BM25Ranker(Ranker):
-    """BM25 Okapi over titles. The index is built once per product set (kept for the last set seen)."""
+    """BM25 Okapi over titles. ``rank`` goes through clipita.bm25's inverted index (the exact top-k, touching
+    only the titles that share a word with the query); ``scores`` is rank_bm25's dense scoring, the reference.
+    The index is built once per product set (kept for the last set seen)."""
 
     name = "bm25"
 
     def __init__(self):
         self._built_for: tuple[int, int] | None = None
-        self._bm25 = None
+        self._index = None
 
-    def _index(self, products: Products):
-        from rank_bm25 import BM25Okapi
+    def _sparse(self, products: Products):
+        from clipita.bm25 import SparseBM25
 
         key = (id(products), len(products))
         if self._built_for != key:
-            # rank_bm25 divides by the mean document length: keep an empty title from making it zero.
-            docs = [tokenize(str(t)) or ["\x00"] for t in products.titles]
-            self._bm25, self._built_for = BM25Okapi(docs), key
-        return self._bm25
+            self._index, self._built_for = SparseBM25([str(t) for t in products.titles]), key
+        return self._index
 
     def scores(self, queries: Queries, products: Products) -> np.ndarray:
-        bm25 = self._index(products)
+        from rank_bm25 import BM25Okapi
+
+        # rank_bm25 divides by the mean document length: keep an empty title from making it zero.
+        bm25 = BM25Okapi([tokenize(str(t)) or ["\x00"] for t in products.titles])
         return np.stack([bm25.get_scores(tokenize(q)) for q in queries.texts]).astype(np.float32) \
             if queries.texts else np.zeros((0, len(products)), np.float32)
+
+    def rank(self, queries: Queries, products: Products, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not queries.texts:
+            return np.zeros((0, min(k, len(products))), np.int64), np.zeros((0, min(k, len(products))), np.float32)
+        return self._sparse(products).top_k(queries.texts, k)
 
 
 def load_ranker(workdir: str, model: str, setting: str | None = None) -> Ranker:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 import numpy as np
+import pyarrow as pa
 from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -80,6 +82,10 @@ def served_models(cfg: ServeConfig) -> list[str]:
     """bm25 always; a dense model when jobs.index built its all-products index."""
     return [m for m in MODELS if m == "bm25" or storage.exists(
         storage.join(group_dir(cfg.workdir, "all", index_group(m, cfg.setting)), "manifest.json"))]
+
+
+def _id_hash(product_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(product_id.encode(), digest_size=8).digest(), "big")
 
 
 def sniff_image_type(data: bytes) -> str:
@@ -180,32 +186,45 @@ class SearchApi:
     """HTTP ingress: /search, /image/<product_id>, /healthz and the gallery page at /."""
 
     def __init__(self, encoder: DeploymentHandle, cfg: ServeConfig, models: list[str]):
-        from clipita.embed import features_dir, read_parquet_dir
-        from clipita.features import Products
-        from clipita.index import ShardedIndex
-        from clipita.rankers import BM25Ranker
-        from clipita.tree import CategoryTree
+        from clipita.bm25 import SparseBM25
+        from clipita.features import load_tree
+        from clipita.index import ShardedIndex, read_rows
 
         t0 = time.time()
         self.encoder, self.cfg, self.models = encoder, cfg, models
-        columns = ["product_id", "title", "image", "category_path"]
-        table = read_parquet_dir(storage.join(features_dir(cfg.workdir), "products"), columns).sort_by("product_id")
-        ids, titles, images, paths = (table.column(c).to_pylist() for c in columns)
-        self.products = {p: (t or "", im) for p, t, im in zip(ids, titles, images)}
-        self.tree = CategoryTree(paths)
+        self.tree = load_tree(cfg.workdir)  # per category, not per product
         self.catalog = storage.read_json(storage.join(cfg.workdir, "catalog.json"))["catalog"]
-        # memory-mapped (view=True): replicas on one machine share the pages of the shard files
-        self.indexes = {m: ShardedIndex(group_dir(cfg.workdir, "all", index_group(m, cfg.setting)), view=True)
-                        for m in models if m != "bm25"}
-        # BM25 ranks titles only: the embedding fields stay empty.
-        empty = np.zeros((len(ids), 0), np.float32)
-        self.titles = Products(np.asarray(ids, object), np.asarray(titles, object), np.asarray(images, object),
-                               paths, empty, empty, empty)
-        self.bm25 = BM25Ranker()
-        self.bm25.rank(Queries(["warm up"]), self.titles, 1)  # builds the BM25 statistics now, not on a request
+        # memory-mapped (view=True): replicas on one machine share the pages of the shard files. Every model of
+        # the all-products scope shares one row order, so their rows (id, title, image) are held once, as Arrow.
+        self.indexes = {m: ShardedIndex(group_dir(cfg.workdir, "all", index_group(m, cfg.setting)), view=True,
+                                        columns=None) for m in models if m != "bm25"}
+        rows_uri = group_dir(cfg.workdir, "all", "mpnet")  # every jobs.index run builds mpnet
+        manifest = storage.read_json(storage.join(rows_uri, "manifest.json"))
+        layout = [(e["name"], e["count"]) for e in manifest["shards"]]
+        for m, index in self.indexes.items():
+            if [(e["name"], e["count"]) for e in index.manifest["shards"]] != layout:
+                raise ConfigError(f"serve: index/all of {m} was built apart from mpnet's: run jobs.index again")
+        self.rows = read_rows(rows_uri, manifest, ["product_id", "title", "image"])
+        ids = self.rows.column("product_id")
+        # product id -> row for /image: sorted 64-bit hashes (16 bytes a product), checked against the id on use
+        hashes = np.fromiter((_id_hash(p) for p in ids.to_pylist()), np.uint64, len(ids))
+        self.by_hash = np.argsort(hashes, kind="stable")
+        self.hashes = hashes[self.by_hash]
+        # BM25 over every title, as an inverted index: a query touches only the titles sharing one of its words
+        self.bm25 = SparseBM25(self.rows.column("title").to_pylist())
         with open(GALLERY, encoding="utf-8") as f:
             self.page = f.read()
         logger.info(f"clipita: {len(ids)} products, models {', '.join(models)}, {time.time() - t0:.1f} s")
+
+    def _row(self, product_id: str) -> int | None:
+        h = np.uint64(_id_hash(product_id))
+        lo = int(np.searchsorted(self.hashes, h))
+        while lo < len(self.hashes) and self.hashes[lo] == h:
+            row = int(self.by_hash[lo])
+            if self.rows.column("product_id")[row].as_py() == product_id:
+                return row
+            lo += 1
+        return None
 
     def resolve(self, text: str) -> tuple[str, str, list[str]]:
         """(category shown, text to embed, tree matches): a tree node by full path or name, else free text."""
@@ -228,30 +247,30 @@ class SearchApi:
         shown, query, matches = self.resolve(text)
         try:
             if model == "bm25":
-                rows, scores = await asyncio.to_thread(self.bm25.rank, Queries([query]), self.titles,
-                                                       min(k, len(self.titles)))
-                ids = self.titles.ids[rows[0]]
+                rows, scores = await asyncio.to_thread(self.bm25.top_k, [query], k)
             else:
                 vector = await self.encoder.encode.remote(query, model)
-                index = self.indexes[model]
-                found = index.search(vector, k, ef=max(self.cfg.ef, k))
-                keep = found.rows[0] >= 0
-                ids, scores = index.ids[found.rows[0][keep]], found.scores[:, keep]
+                found = self.indexes[model].search(vector, k, ef=max(self.cfg.ef, k))
+                rows, scores = found.rows, found.scores
+            keep = rows[0] >= 0
+            rows, scores = rows[0][keep], scores[0][keep]
+            taken = self.rows.take(pa.array(rows, pa.int64()))
+            ids, titles = taken.column("product_id").to_pylist(), taken.column("title").to_pylist()
         except Exception as e:  # noqa: BLE001 - a failed replica is the service's fault, said as JSON
             logger.exception("search failed")
             return error(503, f"search failed: {type(e).__name__}")
         return {"category": shown, "query": query, "matches": matches, "model": model,
-                "results": [{"product_id": p, "score": float(s), "title": self.products[p][0],
-                             "image": f"/image/{quote(p, safe='')}"} for p, s in zip(ids, scores[0])]}
+                "results": [{"product_id": p, "score": float(s), "title": t or "",
+                             "image": f"/image/{quote(p, safe='')}"} for p, t, s in zip(ids, titles, scores)]}
 
     @api.get("/image/{product_id:path}")
     def image(self, product_id: str):
         # Only catalogue products, looked up by id: the URL never becomes a path, so nothing else is reachable.
-        entry = self.products.get(product_id)
-        if entry is None:
+        row = self._row(product_id)
+        if row is None:
             return error(404, f"no product {product_id!r} in the catalogue")
         try:
-            data = storage.read_bytes(storage.resolve(self.catalog, entry[1]))
+            data = storage.read_bytes(storage.resolve(self.catalog, self.rows.column("image")[row].as_py()))
         except Exception:  # noqa: BLE001 - missing file, storage error: the image is not available
             return error(404, f"the image of product {product_id!r} is not available")
         return Response(data, media_type=sniff_image_type(data), headers={"Cache-Control": "max-age=3600"})
@@ -262,7 +281,7 @@ class SearchApi:
             encoder = await self.encoder.ready.remote()
         except Exception as e:  # noqa: BLE001
             return error(503, f"encoder not ready: {type(e).__name__}")
-        return {"status": "ok", "products": len(self.products), "models": self.models,
+        return {"status": "ok", "products": self.rows.num_rows, "models": self.models,
                 "default_model": self.cfg.model, "setting": self.cfg.setting, "encoder": encoder}
 
     @api.get("/", response_class=HTMLResponse)

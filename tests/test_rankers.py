@@ -5,10 +5,9 @@ import torch
 
 from clipita.features import labels_for, load_categories, load_products
 from clipita.loss import ContrastiveLoss
-from clipita.metrics import count_relevant, hits_from_ranking, retrieval_metrics
+from clipita.metrics import count_relevant, hits_from_ranking, rank_scores, retrieval_metrics
 from clipita.model import ClipIta, HeadConfig, evaluate_loss, make_optimizer, train_step
-from clipita.rankers import BASELINES, HeadRanker, Queries, baseline, tokenize
-from clipita.training import split_arrays
+from clipita.rankers import BASELINES, BM25Ranker, HeadRanker, Queries, baseline, tokenize
 
 pytestmark = pytest.mark.slow
 
@@ -55,14 +54,28 @@ def test_bm25_tokenisation_and_empty_titles():
     assert tokenize("Women's Boots, size 38 — Über") == ["women", "s", "boots", "size", "38", "über"]
 
 
+def test_bm25_ranks_through_the_inverted_index_as_rank_bm25_scores(data):
+    products, categories, _ = data
+    queries = Queries.from_categories(categories, categories.ids[:40])
+    ranker = BM25Ranker()
+    rows, scores = ranker.rank(queries, products, 25)
+    dense = ranker.scores(queries, products)  # rank_bm25: every title scored
+    assert np.array_equal(rows, rank_scores(dense, 25))
+    assert np.array_equal(scores, np.take_along_axis(dense, rows, 1))
+
+
 def test_trained_clip_ita_lowers_the_loss_and_beats_random(data):
     products, categories, labels = data
-    train = split_arrays(products, labels, categories, "specific", "train")
+    mask = labels.split == "train"
+    lab = labels.by_setting["specific"][mask]
+    train = {"image": products.image[mask], "title": products.title[mask], "attributes": products.attributes[mask],
+             "category": categories.text["name"][categories.index(lab)],
+             "label": np.unique(lab, return_inverse=True)[1].astype(np.int64)}
     torch.manual_seed(0)
     model = ClipIta(HeadConfig("ita", image_dim=products.image.shape[1], text_dim=products.title.shape[1],
                                hidden_dim=256, output_dim=128, tau=0.1))
     loss_fn, opt = ContrastiveLoss(label_mask=True), make_optimizer(model, 1e-3, 0.01)
-    batches = [{k: torch.from_numpy(v[s:s + 64]) for k, v in train.items() if k != "row"}
+    batches = [{k: torch.from_numpy(v[s:s + 64]) for k, v in train.items()}
                for s in range(0, len(train["label"]) - 63, 64)]
     before = evaluate_loss(model, loss_fn, batches)
     for _ in range(15):
