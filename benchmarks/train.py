@@ -88,6 +88,8 @@ def write_random_features(workdir: str, n: int, image_dim: int, text_dim: int, p
     tree = CategoryTree(paths)
     ids = sorted(tree.nodes)
     table = pa.table({"category": ids, "name": [c.rsplit(" > ", 1)[-1] for c in ids],
+                      "depth": [tree.depth(c) for c in ids], "parent": [tree.parent(c) for c in ids],
+                      "products": [tree.nodes[c].products for c in ids],
                       **{f"{kind}_{mode}": _vector_column(_unit(rng, len(ids), text_dim if kind == "text" else
                                                                 image_dim))
                          for kind in ("text", "clip") for mode in ("name", "path")}})
@@ -114,9 +116,12 @@ def run_bare(workdir: str, cfg, batch: int, device: str, threads: int) -> dict:
     torch.set_num_threads(threads or default_threads)
     t0 = time.perf_counter()
     products, categories = load_products(workdir), load_categories(workdir)
-    arrays = training.split_arrays(products, labels_for(products, cfg.data), categories, SETTING, "train",
-                                   cfg.data.query_text)
-    data = {k: v for k, v in arrays.items() if k != "row"}
+    labels = labels_for(products, cfg.data)
+    mask = labels.split == "train"
+    lab = labels.by_setting[SETTING][mask]
+    data = {"image": products.image[mask], "title": products.title[mask], "attributes": products.attributes[mask],
+            "category": categories.text[cfg.data.query_text][categories.index(lab)],
+            "label": np.unique(lab, return_inverse=True)[1].astype(np.int64)}
     torch.manual_seed(tc.seed)
     model = ClipIta(HeadConfig(variant=VARIANT, image_dim=products.image.shape[1], text_dim=products.title.shape[1],
                                hidden_dim=tc.hidden_dim, output_dim=tc.output_dim, dropout=tc.dropout, tau=tc.tau,

@@ -24,7 +24,7 @@ import numpy as np
 
 from clipita import storage
 from clipita.features import census, labeler_for, load_categories, load_tree
-from clipita.index import IndexIntegrityError, ShardedIndex, group_dir, group_name
+from clipita.index import IndexIntegrityError, ShardedIndex, default_builders, group_dir, group_name
 from clipita.metrics import per_query_metrics
 from clipita.rankers import MODELS, TRAINED, Queries, load_ranker
 from clipita.tree import SEP, SETTINGS
@@ -151,7 +151,7 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
     counts = census(workdir, labeler)
     node_index = {c: i for i, c in enumerate(categories.ids)}
     actors = [ray.remote(num_cpus=1)(QueryRanker).remote(workdir, labeler, node_index)
-              for _ in range(max(1, cfg.index.shards or 1))]
+              for _ in range(default_builders())]
     n_candidates = ray.get(actors[0].size.remote())
     log(f"evaluate: {n_candidates:,} test candidates, {len(actors)} ranking actors")
     if n_candidates == 0:

@@ -347,7 +347,8 @@ def vector_dims(workdir: str, model: str, setting: str | None) -> int:
 
 
 def default_builders() -> int:
-    """Shard builders when index.shards is 0: one per two CPUs of the cluster (the vector stage needs the rest)."""
+    """Shard builders when index.shards is 0, and evaluation's ranking actors: one per two CPUs of the cluster (the
+    stage feeding them needs the rest)."""
     import ray
 
     return max(1, min(8, int(ray.cluster_resources().get("CPU", 2)) // 2))
@@ -381,8 +382,10 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
     ds = products_dataset(workdir).map_batches(
         ProductVectors, fn_constructor_args=(workdir, groups, labeler), batch_format="pyarrow",
         batch_size=ic.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ic.vector_actors),
-        num_cpus=1, num_gpus=ic.gpus_per_actor or None, udf_modifying_row_count=False)
-    actor = ray.remote(num_cpus=1)(ShardBuilder)
+        num_cpus=0.5, num_gpus=ic.gpus_per_actor or None, udf_modifying_row_count=False)
+    # Half a CPU each for the vector actors and the builders: whatever the cluster's size, a whole CPU stays free
+    # for the parquet read tasks that feed them (with two whole-CPU actors a 2-CPU node deadlocks).
+    actor = ray.remote(num_cpus=0.5)(ShardBuilder)
     pool = [actor.remote(workdir, dims, b, shard_rows, ic) for b in range(builders)]
     results = ray.get([a.build.remote(it) for a, it in zip(pool, ds.streaming_split(builders, equal=False))])
     for a in pool:

@@ -3,7 +3,8 @@
     python -m jobs.evaluate --workdir demo-workdir --config configs/offline.yaml
     ray job submit --working-dir . -- python -m jobs.evaluate --workdir s3://shop/clipita
 
-Writes metrics.json, metrics.md (laid out like the paper's Table 1, with its numbers) and metrics.png.
+Needs jobs.index (it ranks through the test split's shards). Writes metrics.json, metrics.md (laid out like the
+paper's Table 1, with its numbers) and metrics.png.
 Use the same --config (data section: seed, split fractions) as jobs.train, or the splits will not match.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with runtime.job("jobs.evaluate"):
         cfg = runtime.config_from_args(args)
+        runtime.start_ray()
         rows = evaluation.evaluate(args.workdir, cfg)
         print(storage.read_bytes(storage.join(args.workdir, "metrics.md")).decode())
         print(f"jobs.evaluate: {len(rows)} rows -> {storage.join(args.workdir, 'metrics.json')}, "

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         stats = stage("embed", lambda: embed.run_embed(catalog, args.workdir, cfg))
         if stats["used"] == 0:
             raise ValueError(f"no usable product in {catalog}: see {args.workdir}/quarantine")
-        stage("train", lambda: [training.train(args.workdir, v, s, cfg) for s in SETTINGS for v in ("i", "ia", "ita")])
+        stage("train", lambda: training.train_runs(args.workdir, [(v, s) for s in SETTINGS for v in ("i", "ia", "ita")],
+                                                   cfg))
         stage("index", lambda: index.build_indexes(args.workdir, cfg))
         stage("evaluate", lambda: evaluation.evaluate(args.workdir, cfg))
         seconds["total"] = round(sum(seconds.values()), 1)

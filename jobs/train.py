@@ -5,8 +5,9 @@
     ray job submit --working-dir . -- python -m jobs.train --workdir s3://shop/clipita --all \
         --config configs/production.yaml --workers 4 --gpu
 
-Writes checkpoints/<variant>-<setting>/ (Ray checkpoints, best/, curve.json, curve.png, stats.json). A re-run
-resumes an unfinished run from its last checkpoint and skips a finished one.
+Writes checkpoints/<variant>-<setting>/ (last/, best/, curve.json, curve.png, stats.json). A re-run resumes an
+unfinished run from its last checkpoint and skips a finished one. The train split streams from the features
+(streaming_split shards, one per worker): no process holds the catalogue.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True, help="workdir URI with features/ from jobs.embed")
     parser.add_argument("--variant", choices=VARIANTS, help="i = CLIP-I, ia = CLIP-IA, ita = CLIP-ITA")
     parser.add_argument("--setting", choices=SETTINGS, help="labelling setting (PAPER.md)")
-    parser.add_argument("--all", action="store_true", help="train every variant x setting (independent runs)")
+    parser.add_argument("--all", action="store_true", help="train every variant x setting (one worker group, one "
+                                                            "pass over the features per epoch for all nine)")
     parser.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast (train.use_gpu)")
     parser.add_argument("--epochs", type=int, help="train.epochs (paper: 30)")
@@ -43,10 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     with runtime.job("jobs.train"):
         cfg = runtime.config_from_args(args)
         runtime.start_ray()
+        done = training.train_runs(args.workdir, runs, cfg)
         for variant, setting in runs:
-            stats = training.train(args.workdir, variant, setting, cfg)
+            stats = done[training.run_name(variant, setting)]
             print(f"jobs.train: {stats['run']}: {stats['epochs']} epochs, best val loss "
-                  f"{stats['best_val_loss']:.4f}, {stats['samples_per_s']:.0f} samples/s -> "
+                  f"{stats['best_val_loss']:.4f}, {stats['samples_per_s'] or 0:.0f} samples/s -> "
                   f"{training.best_checkpoint(args.workdir, variant, setting)}")
 
 

@@ -1,12 +1,14 @@
 """jobs.evaluate: the paper's table for every model, setting and split, through the USearch index."""
 import json
+import math
 
 import numpy as np
 import pytest
 
 from clipita import storage
-from clipita.evaluation import ancestor_matrix, evaluate, hierarchy_relevance
+from clipita.evaluation import METRICS, ancestor_matrix, evaluate, hierarchy_hits
 from clipita.rankers import MODELS
+from reference import reference_metrics
 
 pytestmark = pytest.mark.slow
 KEYS = {"setting", "model", "split", "queries", "candidates", "P@1", "P@5", "P@10", "mAP@5", "mAP@10", "R-prec",
@@ -57,11 +59,25 @@ def test_reports(trained_workdir, rows):
             assert r["hierarchy"]["R-prec"] is not None
 
 
-def test_hierarchy_relevance_by_hand():
+def test_streaming_evaluation_equals_the_first_landings_in_memory_metrics(rows, trained_workdir, demo_config):
+    """The regression test of the scale redesign: same workdir, same numbers as the whole-catalogue-in-one-process
+    implementation (tests/reference.py, exact brute-force ranking) for every row and metric."""
+    want = reference_metrics(trained_workdir, demo_config)
+    assert len(rows) == len(want) == 54
+    for r in rows:
+        ref = want[r["setting"], r["model"], r["split"]]
+        assert (r["queries"], r["candidates"]) == (ref["queries"], ref["candidates"]), r
+        for key in (*METRICS, "mAP@5_std", "mAP@10_std"):
+            expected = None if math.isnan(ref[key]) else round(ref[key], 4)
+            assert r[key] == expected, (r["setting"], r["model"], r["split"], key, r[key], expected)
+        for key in METRICS:
+            assert r["hierarchy"][key] == round(ref["hierarchy"][key], 4), (r["setting"], r["model"], key)
+
+
+def test_hierarchy_hits_by_hand():
     paths = [["A", "B", "C"], ["A", "D"], ["E"]]
     index = {c: i for i, c in enumerate(["A", "A > B", "A > B > C", "A > D", "E"])}
     anc = ancestor_matrix(paths, index)
     ranked = np.array([[2, 0, 1], [1, -1, -1]])
-    hits, n_rel = hierarchy_relevance(ranked, anc, np.array([0, 1]))  # queries: A, A > B
+    hits = hierarchy_hits(ranked, anc, np.array([0, 1]))  # queries: A, A > B
     assert hits.tolist() == [[False, True, True], [False, False, False]]
-    assert n_rel.tolist() == [2, 1]

@@ -1,0 +1,156 @@
+"""Scale: peak memory per process and wall time of train, index and evaluate on features-only workdirs of growing
+size (``jobs.synth --features-only``: production widths, 4-level tree of 4,096 leaves), and of embed on synthetic
+image catalogues. Every stage runs as its own job process (``python -m jobs.NAME``, which starts its own local
+Ray), sampled every 0.5 s with its whole process tree: the driver (the job process) and every Ray worker
+(``ray::`` processes: tasks, actors, Ray Train workers). Ray's own daemons (raylet, GCS, dashboard agent) are
+reported apart.
+
+    python benchmarks/scale.py                                   # 100k, 300k, 1M products (about an hour here)
+    python benchmarks/scale.py --products 100000 --stages train,index,evaluate
+    python benchmarks/scale.py --embed 5000,20000 --products ""  # embed only: driver RSS over catalogue size
+
+Goal (issue "no process holds the catalogue"): the driver's and the largest worker's peak RSS flat in N (at most
+1.5 GB, within 25% from 100k to 1M) and wall time at most linear. RSS counts pages a process touched, Ray's
+shared-memory object store included, so the figures are an upper bound on its private memory; the ``private``
+column subtracts the resident shared pages (object store and libraries' code).
+
+Prints the machine, the date, the command and one markdown table for benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared machine.py beside this script
+from machine import cpu  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DAEMONS = ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env", "monitor.py", "agent")
+
+
+class Sampler(threading.Thread):
+    """Peak RSS (and RSS minus shared) of every process under ``pid``, by role, sampled until stopped."""
+
+    def __init__(self, pid: int, every: float = 0.5):
+        super().__init__(daemon=True)
+        self.pid, self.every, self.stop = pid, every, threading.Event()
+        self.peak: dict[int, tuple[int, int, str]] = {}  # pid -> (rss, private, name)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                procs = [psutil.Process(self.pid)] + psutil.Process(self.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            for p in procs:
+                try:
+                    m = p.memory_info()
+                    name = " ".join(p.cmdline()[:1])[:60] or p.name()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                rss, private = m.rss, m.rss - getattr(m, "shared", 0)
+                old = self.peak.get(p.pid)
+                if old is None or rss > old[0]:
+                    self.peak[p.pid] = (rss, max(private, old[1] if old else 0), name)
+            time.sleep(self.every)
+
+    def roles(self) -> dict[str, tuple[int, int, str]]:
+        out: dict[str, tuple[int, int, str]] = {}
+        for pid, (rss, private, name) in self.peak.items():
+            role = "driver" if pid == self.pid else ("worker" if name.startswith("ray::") else
+                                                      "daemon" if any(d in name for d in DAEMONS) else "other")
+            if role not in out or rss > out[role][0]:
+                out[role] = (rss, private, name)
+        return out
+
+
+def run_stage(args: list[str], log_path: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1")
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        sampler = Sampler(proc.pid)
+        sampler.start()
+        rc = proc.wait()
+        sampler.stop.set()
+        sampler.join()
+    if rc != 0:
+        raise SystemExit(f"scale: {' '.join(args[:1])} failed (exit {rc}); see {log_path}")
+    return {"seconds": time.time() - t0, **sampler.roles()}
+
+
+def gb(x: tuple | None) -> str:
+    return "-" if x is None else f"{x[0] / 2**30:.2f} ({x[1] / 2**30:.2f})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--products", default="100000,300000,1000000", help="features-only workdir sizes ('' = none)")
+    p.add_argument("--stages", default="train,index,evaluate", help="stages on each features workdir")
+    p.add_argument("--embed", default="", help="image catalogue sizes for jobs.embed, e.g. 5000,20000")
+    p.add_argument("--root", default="/tmp/clipita-scale", help="where the workdirs go (kept between runs)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override for every stage (default: index.dtype=f16, data.unseen_fraction=0.1)")
+    p.add_argument("--keep", action="store_true", help="keep the workdirs (they are reused if present)")
+    args = p.parse_args()
+    sets = args.set or ["index.dtype=f16", "data.unseen_fraction=0.1"]
+    overrides = [a for s in sets for a in ("--set", s)]
+    os.makedirs(args.root, exist_ok=True)
+    rows = []
+    for n in [int(x) for x in args.products.split(",") if x]:
+        work = os.path.join(args.root, f"features-{n}")
+        if not os.path.exists(os.path.join(work, "features", "categories.parquet")):
+            shutil.rmtree(work, ignore_errors=True)
+            r = run_stage(["jobs.synth", "--features-only", "--out", work, "--products", str(n)],
+                          os.path.join(args.root, f"synth-{n}.log"))
+            rows.append((n, "synth --features-only", r))
+        for stage in args.stages.split(","):
+            cmd = {"train": ["jobs.train", "--workdir", work, "--variant", "ita", "--setting", "specific",
+                             "--epochs", "1", "--workers", "1"],
+                   "index": ["jobs.index", "--workdir", work],
+                   "evaluate": ["jobs.evaluate", "--workdir", work]}[stage]
+            if stage == "train":
+                shutil.rmtree(os.path.join(work, "checkpoints"), ignore_errors=True)
+            r = run_stage(cmd + overrides, os.path.join(args.root, f"{stage}-{n}.log"))
+            rows.append((n, stage, r))
+            print(f"scale: {n:,} {stage}: {r['seconds']:.0f} s, driver {gb(r.get('driver'))} GB, "
+                  f"largest worker {gb(r.get('worker'))} GB ({r.get('worker', (0, 0, '-'))[2]})", flush=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    for n in [int(x) for x in args.embed.split(",") if x]:
+        catalog, work = os.path.join(args.root, f"catalog-{n}"), os.path.join(args.root, f"embed-{n}")
+        if not os.path.exists(os.path.join(catalog, "products.parquet")):
+            run_stage(["jobs.synth", "--out", catalog, "--products", str(n)], os.path.join(args.root, "synth.log"))
+        shutil.rmtree(work, ignore_errors=True)
+        r = run_stage(["jobs.embed", "--catalog", catalog, "--workdir", work, "--config", "configs/offline.yaml"],
+                      os.path.join(args.root, f"embed-{n}.log"))
+        rows.append((n, "embed (offline encoders)", r))
+        print(f"scale: {n:,} embed: {r['seconds']:.0f} s, driver {gb(r.get('driver'))} GB", flush=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print(f"machine: {cpu()}; load average {os.getloadavg()[0]:.1f}; {datetime.datetime.now():%Y-%m-%d %H:%M}")
+    print(f"command: python benchmarks/scale.py {' '.join(sys.argv[1:])}")
+    print()
+    print("| products | stage | wall s | s per 100k | driver peak RSS GB (private) | largest worker GB (private) | "
+          "that worker | Ray daemons GB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, stage, r in rows:
+        worker = r.get("worker")
+        print(f"| {n:,} | {stage} | {r['seconds']:.0f} | {r['seconds'] / n * 1e5:.1f} | {gb(r.get('driver'))} | "
+              f"{gb(worker)} | {worker[2] if worker else '-'} | {gb(r.get('daemon'))} |")
+
+
+if __name__ == "__main__":
+    main()
