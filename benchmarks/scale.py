@@ -12,7 +12,7 @@ reported apart.
 Goal (issue "no process holds the catalogue"): the driver's and the largest worker's peak RSS flat in N (at most
 1.5 GB, within 25% from 100k to 1M) and wall time at most linear. RSS counts pages a process touched, Ray's
 shared-memory object store included, so the figures are an upper bound on its private memory; the ``private``
-column subtracts the resident shared pages (object store and libraries' code).
+column is the anonymous resident memory alone (RssAnon: no object store, no libraries' code).
 
 Prints the machine, the date, the command and one markdown table for benchmarks/RESULTS.md.
 """
@@ -27,8 +27,6 @@ import sys
 import threading
 import time
 
-import psutil
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared machine.py beside this script
 from machine import cpu  # noqa: E402
 
@@ -36,8 +34,41 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAEMONS = ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env", "monitor.py", "agent")
 
 
+def _descendants(root: int) -> list[int]:
+    """root and every process under it (Linux /proc: parent ids from /proc/PID/stat)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _memory(pid: int) -> tuple[int, int, str] | None:
+    """(RSS, RSS without shared file and shared-memory pages, command) from /proc/PID/status and cmdline."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if v.strip().endswith("kB")}
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            name = f.read().split(b"\0")[0].decode(errors="replace")
+        name = name[:60] if name.startswith("ray::") else os.path.basename(name.split()[0] if name else "")
+    except (OSError, ValueError):
+        return None
+    rss = kb.get("VmRSS", 0) * 1024
+    return rss, kb.get("RssAnon", 0) * 1024, name
+
+
 class Sampler(threading.Thread):
-    """Peak RSS (and RSS minus shared) of every process under ``pid``, by role, sampled until stopped."""
+    """Peak RSS (and its private, anonymous part) of every process under ``pid``, by role, until stopped."""
 
     def __init__(self, pid: int, every: float = 0.5):
         super().__init__(daemon=True)
@@ -46,20 +77,13 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            try:
-                procs = [psutil.Process(self.pid)] + psutil.Process(self.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                return
-            for p in procs:
-                try:
-                    m = p.memory_info()
-                    name = " ".join(p.cmdline()[:1])[:60] or p.name()
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
+            for pid in _descendants(self.pid):
+                m = _memory(pid)
+                if m is None:
                     continue
-                rss, private = m.rss, m.rss - getattr(m, "shared", 0)
-                old = self.peak.get(p.pid)
-                if old is None or rss > old[0]:
-                    self.peak[p.pid] = (rss, max(private, old[1] if old else 0), name)
+                old = self.peak.get(pid)
+                if old is None or m[0] > old[0]:
+                    self.peak[pid] = (m[0], max(m[1], old[1] if old else 0), m[2])
             time.sleep(self.every)
 
     def roles(self) -> dict[str, tuple[int, int, str]]:

@@ -4,12 +4,19 @@
     python benchmarks/serve.py --workdir demo-workdir
     python benchmarks/serve.py --build /tmp/bench-serve --products 600      # synth -> embed -> train -> index first
     python benchmarks/serve.py --workdir demo-workdir --queries known --concurrency 1,32 --requests 4000
+    python benchmarks/serve.py --workdir /tmp/clipita-scale/features-1000000 --queries known --setting specific \
+        --encoders configs/offline.yaml                          # a features-only workdir (jobs.synth) at 1M
 
 Each mode starts the application (one replica per deployment), warms it up, then sends ``--requests`` GET /search
 from ``--concurrency`` clients (asyncio, one process) and records each response time. ``free`` queries are unique
 texts outside the category tree, so every request runs the sentence encoder; ``known`` queries are tree
 categories (stored embeddings: only the head and the index search run). Prints the machine, the date and one
-markdown table (p50 / p99 ms, queries/s, non-200 responses) for benchmarks/RESULTS.md.
+markdown table (p50 / p99 ms, queries/s, non-200 responses) for benchmarks/RESULTS.md, and the peak memory of
+each replica process (RSS, and its anonymous part: what the replica holds beyond the memory-mapped shards).
+
+A features-only workdir (``jobs.synth --features-only``) records the production encoders, which cannot be loaded
+without a model hub: ``--encoders FILE`` records that config's encoders for the run instead (restored after), so
+the encoder replica starts; only ``--queries known`` (stored category embeddings) is meaningful then.
 """
 from __future__ import annotations
 
@@ -102,6 +109,24 @@ async def load(url: str, texts: list[str], k: int, model: str, concurrency: int)
     return latencies, failed, wall
 
 
+def replica_memory() -> dict[str, tuple[int, int]]:
+    """(RSS, anonymous RSS) in bytes of each Serve replica process of the app, by deployment (Linux /proc)."""
+    out: dict[str, tuple[int, int]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                name = f.read().split(b"\0")[0].decode(errors="replace")
+            if not name.startswith("ray::ServeReplica:bench:"):
+                continue
+            with open(f"/proc/{pid}/status") as f:
+                kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if v.strip().endswith("kB")}
+        except (OSError, ValueError):
+            continue
+        deployment = name.split(":")[2].split()[0].split(".")[0]
+        out[deployment] = max(out.get(deployment, (0, 0)), (kb.get("VmRSS", 0) * 1024, kb.get("RssAnon", 0) * 1024))
+    return out
+
+
 def machine() -> str:
     return f"{cpu()}, Python {platform.python_version()}"
 
@@ -120,6 +145,8 @@ def main() -> None:
     p.add_argument("--model", default="clip-ita", help="model to query (default clip-ita)")
     p.add_argument("--queries", choices=("free", "known"), default="free", help="query texts (default free)")
     p.add_argument("--batch-size", type=int, default=32, help="max_batch_size with batching (default 32)")
+    p.add_argument("--setting", default="all", help="whose trained heads the app serves (default all)")
+    p.add_argument("--encoders", help="config whose encoders the run records in the workdir (features-only)")
     args = p.parse_args()
     concurrency = [int(c) for c in args.concurrency.split(",") if c.strip().isdigit()]
     if len(concurrency) != len([c for c in args.concurrency.split(",") if c]) or args.requests < 1 or args.requests > 100_000 or not concurrency or min(concurrency) < 1:
@@ -134,8 +161,19 @@ def main() -> None:
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
 
     def application(batching: bool) -> serve.Application:
-        return app({"workdir": workdir, "model": args.model, "batching": batching,
+        return app({"workdir": workdir, "model": args.model, "batching": batching, "setting": args.setting,
                     "max_batch_size": args.batch_size})
+
+    recorded = os.path.join(args.workdir or "", "features", "encoders.json")
+    original = open(recorded).read() if args.encoders and os.path.exists(recorded) else None
+    if original is not None:
+        import dataclasses
+        import json
+
+        from clipita.config import load_config
+
+        with open(recorded, "w") as f:
+            json.dump(dataclasses.asdict(load_config(args.encoders).encoders), f)
 
     try:
         workdir = args.workdir or build_workdir(args.build, args.products, args.config)
@@ -147,7 +185,7 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/search"
-    rows = []
+    rows, memory = [], {}
     try:
         for batching in (True, False):
             serve.run(application(batching), name="bench", route_prefix="/")
@@ -160,10 +198,14 @@ def main() -> None:
                 ms = np.array(lat) * 1000
                 rows.append((f"on (max {args.batch_size})" if batching else "off", c, len(lat), failed,
                              np.percentile(ms, 50), np.percentile(ms, 99), len(lat) / wall))
+            memory.update({k: max(v, memory.get(k, (0, 0))) for k, v in replica_memory().items()})
             serve.delete("bench")
     finally:
         serve.shutdown()
         ray.shutdown()
+        if original is not None:
+            with open(recorded, "w") as f:
+                f.write(original)
 
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}; {machine()}")
     print(f"command: python benchmarks/serve.py {' '.join(sys.argv[1:])}")
@@ -174,6 +216,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for mode, c, n, failed, p50, p99, qps in rows:
         print(f"| {mode} | {c} | {n} | {failed} | {p50:.1f} | {p99:.1f} | {qps:.1f} |")
+    print()
+    for name, (rss, anon) in sorted(memory.items()):
+        print(f"replica {name}: RSS {rss / 2**30:.2f} GB, anonymous {anon / 2**30:.2f} GB")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ import pyarrow.parquet as pq
 from clipita import storage
 from clipita.config import DataConfig
 from clipita.embed import features_dir, read_parquet_dir
-from clipita.tree import SETTINGS, CategoryTree, Labeler, Labels, assign_labels, category_id
+from clipita.tree import SETTINGS, CategoryTree, Labeler, Labels, assign_labels, category_id, unit_hash
 
+BLOCK_BYTES = 32 * 2**20  # Ray Data block size for the feature streams (Ray's default is 128 MiB)
+COLUMNS = {"image": "image_emb", "title": "title_emb", "attributes": "attr_emb"}  # model input -> its column
 # Columns a stage that needs no vectors reads: a few bytes a product instead of ~3 KB.
 META_COLUMNS = ["product_id", "title", "image", "category_path"]
 
@@ -99,9 +101,12 @@ def vector_width(workdir: str, column: str) -> int:
 
 
 def products_dataset(workdir: str, columns: list[str] | None = None):
-    """The products as a Ray dataset (blocks stream; nothing is gathered on the driver)."""
+    """The products as a Ray dataset (blocks stream; nothing is gathered on the driver). Blocks of at most
+    BLOCK_BYTES: a task or actor holds a few of them, so its memory does not depend on how the files were cut."""
     import ray.data
 
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = min(ctx.target_max_block_size or BLOCK_BYTES, BLOCK_BYTES)
     files = product_files(workdir)
     fs, _ = storage.arrow_filesystem(files[0])
     paths = [storage.filesystem(f)[1] for f in files]
@@ -206,3 +211,19 @@ def census(workdir: str, labeler: Labeler) -> Census:
             for c, n in counter.items():
                 nodes[key][c] = nodes[key].get(c, 0) + n
     return Census(labels, nodes)
+
+
+def model_rows(batch: pa.Table, labeler: Labeler, node_index: dict[str, int], split: str,
+               keep_fraction: float = 1.0) -> dict[str, np.ndarray]:
+    """Ray Data stage of jobs.train (here, in a module without torch: read tasks start light). One block of
+    feature rows -> the model inputs of its products in ``split``: float32 features and, per
+    setting, the label as a category number (``label_<setting>``). ``keep_fraction`` samples by a seeded hash."""
+    ids, paths = batch.column("product_id").to_pylist(), batch.column("category_path").to_pylist()
+    keep = np.array([labeler.split(p, path) == split and
+                     (keep_fraction >= 1 or unit_hash(labeler.seed, "sample", p) < keep_fraction)
+                     for p, path in zip(ids, paths)], dtype=bool)
+    out = {name: vectors(batch.column(column))[keep] for name, column in COLUMNS.items()}
+    for s in SETTINGS:
+        out[f"label_{s}"] = np.array([node_index[labeler.label(p, path, s)] for p, path, k in zip(ids, paths, keep)
+                                      if k], dtype=np.int64)
+    return out

@@ -87,7 +87,8 @@ class ShardWriter:
         first = (self.shard_no << 32) + self.count
         keys = np.arange(first, first + rows.num_rows, dtype=np.uint64)
         for g, index in self.indexes.items():
-            index.add(keys, np.ascontiguousarray(vectors[g], dtype=np.float32), threads=1)
+            # threads=0: every core of the node; one builder per 2 CPUs leaves them mostly free once reads end
+            index.add(keys, np.ascontiguousarray(vectors[g], dtype=np.float32), threads=0)
         self.rows.append(rows)
         self.count += rows.num_rows
 
@@ -285,9 +286,15 @@ class ProductVectors:
     dense model's product vector (``v:<group>`` columns). Trained heads load once per actor (GPU when it has one)."""
 
     def __init__(self, workdir: str, groups: list[tuple[str, str | None]], labeler):
-        from clipita.rankers import load_ranker
+        import torch
+
+        from clipita.rankers import HeadRanker, load_ranker
 
         self.rankers = {group_name(m, s): load_ranker(workdir, m, s) for m, s in groups}
+        if torch.cuda.is_available():  # the actor was given a GPU (index.gpus_per_actor): the heads run there
+            for r in self.rankers.values():
+                if isinstance(r, HeadRanker):
+                    r.to("cuda")
         self.labeler = labeler
 
     def __call__(self, batch: pa.Table) -> pa.Table:

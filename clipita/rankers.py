@@ -129,12 +129,17 @@ class HeadRanker(DenseRanker):
         import torch
 
         n = len(next(iter(inputs.values())))
+        device = next(self.model.parameters()).device  # a GPU when the caller moved the model there (to())
         out = []
         with torch.inference_mode():
             for s in range(0, n, self.batch_size):
                 out.append(fn({k: torch.from_numpy(np.ascontiguousarray(v[s:s + self.batch_size], np.float32))
-                               for k, v in inputs.items()}).numpy())
+                               .to(device) for k, v in inputs.items()}).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.model.config.output_dim), np.float32)
+
+    def to(self, device) -> "HeadRanker":
+        self.model.to(device)
+        return self
 
     def product_vectors(self, products: Products) -> np.ndarray:
         return self._apply(self.model.encode_products, products.tensors())

@@ -48,6 +48,7 @@ from clipita.embed import features_dir, finished_parts
 from clipita.tree import SEP
 
 PART_ROWS = 50_000  # products per output file
+ROW_GROUP = 8192  # rows per parquet row group (~32 MB at production widths)
 CHUNK = 1024  # rows per block of vector work: keeps the float32 temporaries in cache
 MAX_NODES = 100_000  # concepts are held in memory by every worker
 
@@ -232,7 +233,9 @@ def _write_parquet(uri: str, table: pa.Table) -> None:
         fs, path = storage.arrow_filesystem(uri)  # straight to the file: no 200 MB copy through bytes
         # float16 is stored as 2-byte fixed-length binary: dictionaries and min/max statistics over random-looking
         # values triple the write time and save nothing.
-        pq.write_table(table, path, filesystem=fs, use_dictionary=False, write_statistics=False)
+        # row groups of ROW_GROUP rows: readers (Ray Data tasks) can take a part in pieces of a few tens of MB
+        pq.write_table(table, path, filesystem=fs, use_dictionary=False, write_statistics=False,
+                       row_group_size=ROW_GROUP)
     except Exception as e:  # noqa: BLE001 - any storage failure is one line naming the file
         raise storage.StorageError(f"cannot write {uri}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None

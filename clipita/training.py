@@ -28,11 +28,11 @@ import pyarrow as pa
 
 from clipita import storage
 from clipita.config import Config, TrainConfig
-from clipita.model import HeadConfig
-from clipita.tree import SETTINGS, unit_hash
+from clipita.features import COLUMNS, model_rows
+from clipita.tree import SETTINGS
 
 INPUTS = ("image", "title", "attributes")
-COLUMNS = {"image": "image_emb", "title": "title_emb", "attributes": "attr_emb"}
+READ_ROWS = 4096  # rows per batch of the read-and-label stage
 
 
 def run_name(variant: str, setting: str) -> str:
@@ -45,23 +45,6 @@ def run_dir(workdir: str, variant: str, setting: str) -> str:
 
 def best_checkpoint(workdir: str, variant: str, setting: str) -> str:
     return storage.join(run_dir(workdir, variant, setting), "best")
-
-
-def model_rows(batch: pa.Table, labeler, node_index: dict[str, int], split: str,
-               keep_fraction: float = 1.0) -> dict[str, np.ndarray]:
-    """One block of feature rows -> the model inputs of its products in ``split``: float32 features and, per
-    setting, the label as a category number (``label_<setting>``). ``keep_fraction`` samples by a seeded hash."""
-    from clipita.features import vectors
-
-    ids, paths = batch.column("product_id").to_pylist(), batch.column("category_path").to_pylist()
-    keep = np.array([labeler.split(p, path) == split and
-                     (keep_fraction >= 1 or unit_hash(labeler.seed, "sample", p) < keep_fraction)
-                     for p, path in zip(ids, paths)], dtype=bool)
-    out = {name: vectors(batch.column(column))[keep] for name, column in COLUMNS.items()}
-    for s in SETTINGS:
-        out[f"label_{s}"] = np.array([node_index[labeler.label(p, path, s)] for p, path, k in zip(ids, paths, keep)
-                                      if k], dtype=np.int64)
-    return out
 
 
 def finished(workdir: str, variant: str, setting: str, epochs: int) -> bool:
@@ -133,7 +116,7 @@ def train_loop(config: dict) -> dict:
 
     from clipita.checkpoint import load_metadata, load_model, load_optimizer, save_checkpoint
     from clipita.loss import ContrastiveLoss
-    from clipita.model import ClipIta, evaluate_loss, make_optimizer, train_step, unwrap
+    from clipita.model import ClipIta, HeadConfig, evaluate_loss, make_optimizer, train_step, unwrap
 
     tc = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -262,6 +245,8 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
     node_index = {c: i for i, c in enumerate(categories.ids)}
     dims = {k: vector_width(workdir, COLUMNS[k]) for k in ("image", "title")}
     specs = []
+    from clipita.model import HeadConfig
+
     for variant, setting in todo:
         head = HeadConfig(variant=variant, image_dim=dims["image"], text_dim=dims["title"], hidden_dim=tc.hidden_dim,
                           output_dim=tc.output_dim, dropout=tc.dropout, tau=tc.tau, learnable_tau=tc.learnable_tau)
@@ -271,11 +256,12 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
     cache = n_train / workers * row_bytes <= tc.cache_mb * 2**20
     columns = ["product_id", "category_path", *COLUMNS.values()]
     rows_fn = dict(labeler=labeler, node_index=node_index)
+    # batches of READ_ROWS: a task converts a few thousand rows to float32 at a time, whatever the files' size
     train_ds = products_dataset(workdir, columns).map_batches(
-        model_rows, fn_kwargs=dict(rows_fn, split="train"), batch_format="pyarrow")
+        model_rows, fn_kwargs=dict(rows_fn, split="train"), batch_format="pyarrow", batch_size=READ_ROWS)
     val_ds = products_dataset(workdir, columns).map_batches(
         model_rows, fn_kwargs=dict(rows_fn, split="val", keep_fraction=min(1.0, tc.val_rows / max(1, n_val))),
-        batch_format="pyarrow")
+        batch_format="pyarrow", batch_size=READ_ROWS)
     log(f"train: {', '.join(s['name'] for s in specs)}: {n_train:,} train / {min(n_val, tc.val_rows):,} val "
         f"products, {tc.workers} workers x batch {'/'.join(map(str, sorted(set(batches.values()))))}, "
         f"{tc.epochs} epochs, shards {'cached in memory' if cache else 'streamed every epoch'}")
