@@ -114,7 +114,7 @@ class TrainConfig:
     checkpoint_every: int = 5  # epochs between last/ checkpoints (model + optimizer); also after the final epoch
     cache_mb: int = 256  # a worker keeps its train shard in memory when it fits, else re-reads it every epoch (0: never)
     shuffle_rows: int = 20000  # local shuffle buffer of a streamed (uncached) shard
-    val_rows: int = 20000  # most validation products (a seeded sample) worker 0 evaluates each epoch
+    val_rows: int = 8192  # most validation products (a seeded sample) worker 0 evaluates each epoch
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     seed: int = 0  # model init and per-epoch shuffling
 

@@ -8,9 +8,10 @@ query category) is reported beside the paper's, under the row's ``hierarchy`` ke
 Streaming, for catalogues no process can hold: the driver keeps the tree, the per-category counts of a
 ``census`` (R of every query, seen or unseen) and the query vectors. ``QueryRanker`` actors hold the test split's
 rows (labels as integers) and memory-map the test-scope shards that jobs.index built; each takes a batch of
-queries, ranks it as deep as its deepest R (dense models through USearch, bm25 through the inverted index of
-clipita.bm25), and returns per-query metrics, which the driver averages per split. The index's recall@10
-against usearch's exact search is measured on a sample of queries.
+queries, ranks it as deep as its deepest R (bm25 through the inverted index of
+clipita.bm25, dense models by usearch's exact scan of the shards, so metrics never depend on the graph), and
+returns per-query metrics, which the driver averages per split. The HNSW walk that serving uses is checked
+against that exact ranking on a sample of queries (recall@10 at index.expansion_search).
 
 Outputs: metrics.json (DESIGN.md rows), metrics.md (Table 1 layout with the paper's numbers), metrics.png.
 """
@@ -53,9 +54,9 @@ RECALL_SAMPLE = 64  # queries per (setting, model) whose index ranking is checke
 CHUNK_ENTRIES = 1 << 21  # queries x depth ranked in one call: bounds an actor's result arrays (~16 MB)
 
 
-def ancestor_matrix(paths: list[list[str]], index: dict[str, int]) -> np.ndarray:
-    """(N, max depth) ids of every node on each product's path, -1 padded."""
-    depth = max((len(p) for p in paths), default=1)
+def ancestor_matrix(paths: list[list[str]], index: dict[str, int], depth: int | None = None) -> np.ndarray:
+    """(N, depth) ids of every node on each product's path, -1 padded (depth: the longest path by default)."""
+    depth = depth or max((len(p) for p in paths), default=1)
     out = np.full((len(paths), depth), -1, dtype=np.int32)
     for i, path in enumerate(paths):
         for d in range(len(path)):
@@ -72,19 +73,35 @@ class QueryRanker:
     """Ray actor: the test split's candidates (rows of the test-scope index), ranking batches of queries."""
 
     def __init__(self, workdir: str, labeler, node_index: dict[str, int]):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         from clipita.bm25 import SparseBM25
+        from clipita.index import read_rows
 
         self.workdir = workdir
-        rows = ShardedIndex(group_dir(workdir, "test", "mpnet"), columns=["product_id", "title", "category_path"])
-        ids, paths = rows.rows.column("product_id").to_pylist(), rows.rows.column("category_path").to_pylist()
-        self.labels = {s: np.array([node_index[labeler.label(p, path, s)] for p, path in zip(ids, paths)],
-                                   dtype=np.int32) for s in SETTINGS}
-        self.ancestors = ancestor_matrix(paths, node_index)
-        # bm25 ranks ties by product id (the first landing's order): its rows are sorted by id
-        self.by_id = np.argsort(np.asarray(ids, dtype=object), kind="stable")
-        titles = rows.rows.column("title").to_pylist()
-        self.bm25 = SparseBM25([titles[i] for i in self.by_id])
-        self.count = len(ids)
+        uri = group_dir(workdir, "test", "mpnet")
+        manifest = storage.read_json(storage.join(uri, "manifest.json"))
+        labels: dict[str, list[np.ndarray]] = {s: [] for s in SETTINGS}
+        ancestors, ids, titles = [], [], []
+        depth = max((n.count(SEP) + 1 for n in node_index), default=1)
+        for entry in manifest["shards"]:  # one shard's rows at a time: Python objects never exceed a shard
+            rows = read_rows(uri, dict(manifest, shards=[entry]), ["product_id", "title", "category_path"])
+            pids, paths = rows.column("product_id").to_pylist(), rows.column("category_path").to_pylist()
+            for s in SETTINGS:
+                labels[s].append(np.array([node_index[labeler.label(p, path, s)] for p, path in zip(pids, paths)],
+                                          dtype=np.int32))
+            ancestors.append(ancestor_matrix(paths, node_index, depth))
+            ids.append(rows.column("product_id"))
+            titles.append(rows.column("title"))
+        self.labels = {s: np.concatenate(v) if v else np.zeros(0, np.int32) for s, v in labels.items()}
+        self.ancestors = np.concatenate(ancestors) if ancestors else np.zeros((0, depth), np.int32)
+        self.count = len(self.ancestors)
+        # bm25 ranks ties by product id (the first landing's order): its documents are the titles sorted by id
+        ids_array = pa.chunked_array(ids, pa.string())
+        self.by_id = pc.sort_indices(ids_array).to_numpy().astype(np.int64)
+        self.bm25 = SparseBM25(pa.chunked_array(titles, pa.string()).take(pa.array(self.by_id)).to_pylist()) \
+            if self.count else None
         self.indexes: dict[str, ShardedIndex] = {}
 
     def size(self) -> int:
@@ -99,22 +116,24 @@ class QueryRanker:
             self.indexes[group] = index
         return self.indexes[group]
 
-    def rank(self, group: str, queries, k: int, ef: int) -> np.ndarray:
+    def rank(self, group: str, queries, k: int) -> np.ndarray:
+        """Exact top-k: bm25 through its inverted index, dense models by usearch's brute-force scan of the shards
+        (the metrics describe the model, not the approximation of a graph walk)."""
         if group == "bm25":
             rows, _ = self.bm25.top_k(queries, k)
             return np.where(rows >= 0, self.by_id[np.maximum(rows, 0)], -1)
-        return self._index(group).search(queries, k, ef=max(ef, k)).rows
+        return self._index(group).search(queries, k, exact=True).rows
 
     def evaluate(self, setting: str, group: str, queries, nodes: np.ndarray, n_rel: np.ndarray,
                  h_rel: np.ndarray, k: int, ef: int, recall_sample: int) -> dict:
-        ranked = self.rank(group, queries, min(k, self.count), ef)
+        ranked = self.rank(group, queries, min(k, self.count))
         hits = (self.labels[setting][np.maximum(ranked, 0)] == nodes[:, None]) & (ranked >= 0)
         out = {"exact": per_query_metrics(hits, n_rel), "hierarchy": per_query_metrics(
             hierarchy_hits(ranked, self.ancestors, nodes), h_rel), "recall": None}
-        if group != "bm25" and recall_sample:
+        if group != "bm25" and recall_sample:  # what serving gets: the HNSW walk at index.expansion_search
             top = min(10, self.count)
-            exact = self._index(group).search(queries[:recall_sample], top, exact=True).rows
-            out["recall"] = [len(set(a[:top]) & set(b)) / top for a, b in zip(ranked[:recall_sample], exact)]
+            walk = self._index(group).search(queries[:recall_sample], top, ef=max(ef, top)).rows
+            out["recall"] = [len(set(a) & set(b[:top])) / top for a, b in zip(walk, ranked[:recall_sample])]
         return out
 
 
@@ -193,7 +212,7 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
                     for key, v in out[kind].items():
                         per_query[kind].setdefault(key, np.full(len(query_ids), np.nan))[idx] = v
                 recall += out["recall"] or []
-            how = "exact" if model == "bm25" else "usearch"  # the inverted index returns the exact top-k
+            how = "exact" if model == "bm25" else "usearch exact"  # both return the exact top-k
             index_recall = float(np.mean(recall)) if recall else None
             for split in SPLITS:
                 sel = np.ones(len(query_ids), bool) if split == "all" else (seen if split == "seen" else ~seen)
@@ -209,6 +228,7 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
                 f"{'' if index_recall is None else f', recall@10 {index_recall:.3f}'})")
     for a in actors:
         ray.kill(a)
+    add_base_to_new(rows)
     storage.write_json(storage.join(workdir, "metrics.json"), rows)
     storage.write_bytes(storage.join(workdir, "metrics.md"), metrics_markdown(rows).encode())
     storage.write_bytes(storage.join(workdir, "metrics.png"), metrics_png(rows))
@@ -224,10 +244,43 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
+HM_METRICS = ("R-prec", "P@10")  # reported as seen / unseen / harmonic mean (base-to-new generalisation)
+
+
+def harmonic_mean(seen: float | None, unseen: float | None) -> float | None:
+    """The base-to-new convention of CLIP fine-tuning research (CoOp, CoCoOp): HM = 2·s·u / (s + u); None when
+    a side has no queries, 0 when both are 0."""
+    if seen is None or unseen is None:
+        return None
+    return 0.0 if seen + unseen == 0 else round(2 * seen * unseen / (seen + unseen), 4)
+
+
+def add_base_to_new(rows: list[dict]) -> None:
+    """Each ``all`` row gets ``base_to_new``: {metric: {"seen", "unseen", "hm"}} for HM_METRICS."""
+    by_key = {(r["setting"], r["model"], r["split"]): r for r in rows}
+    for r in rows:
+        if r["split"] == "all":
+            seen, unseen = by_key.get((r["setting"], r["model"], "seen")), by_key.get((r["setting"], r["model"],
+                                                                                         "unseen"))
+            r["base_to_new"] = {m: {"seen": seen and seen[m], "unseen": unseen and unseen[m],
+                                    "hm": harmonic_mean(seen and seen[m], unseen and unseen[m])}
+                                for m in HM_METRICS}
+
+
 def metrics_markdown(rows: list[dict]) -> str:
     out = ["# clipita evaluation", "",
            "Metrics in %. mAP@K is the paper's hits-normalised AP (PAPER.md); `_std` columns divide by min(R, K).",
-           "Paper: Table 1 of CLIP-ITA (ECIR 2022) on XMarket US, for reference: different data, same protocol.", ""]
+           "Paper: Table 1 of CLIP-ITA (ECIR 2022) on XMarket US, for reference: different data, same protocol.", "",
+           "## Seen / unseen categories and their harmonic mean", "",
+           "Base-to-new convention of CLIP fine-tuning research (CoOp, CoCoOp, KgCoOp): *seen* queries are categories "
+           "some training product carries, *unseen* ones none does; HM = 2·seen·unseen / (seen + unseen) rewards a "
+           "model only when it keeps both.", "",
+           "| setting | model | " + " | ".join(f"{m} seen | {m} unseen | {m} HM" for m in HM_METRICS) + " |",
+           "|---|---|" + "---|" * (3 * len(HM_METRICS))]
+    for r in (r for r in rows if r["split"] == "all" and "base_to_new" in r):
+        out.append(f"| {r['setting']} | {r['model']} | " + " | ".join(
+            " | ".join(_fmt(r["base_to_new"][m][k]) for k in ("seen", "unseen", "hm")) for m in HM_METRICS) + " |")
+    out.append("")
     for split in SPLITS:
         out += [f"## Exact-match relevance, {split} queries", "",
                 "| setting | model | queries | " + " | ".join(METRICS) + " | mAP@10_std | paper " +

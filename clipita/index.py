@@ -221,7 +221,7 @@ class ShardedIndex:
         for i, shard in enumerate(self.shards):
             if ef:
                 shard.expansion_search = max(ef, k)
-            m = shard.search(queries, min(k, len(shard)), exact=exact)
+            m = shard.search(queries, min(k, len(shard)), exact=exact, threads=0)  # threads=0: every core
             kk = np.asarray(m.keys, dtype=np.int64).reshape(q, -1)
             dd = np.asarray(m.distances, dtype=np.float32).reshape(q, -1)
             # one query comes back as Matches (no .counts), several as BatchMatches
@@ -379,7 +379,7 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
     dims = {group_name(m, s): vector_dims(workdir, m, s) for m, s in groups}
     builders = ic.shards or default_builders()
     per_row = sum(d * DTYPE_BYTES[ic.dtype] + GRAPH_BYTES for d in dims.values())
-    shard_rows = max(1000, ic.builder_mb * 2**20 // (2 * per_row))  # two scopes open at once
+    shard_rows = max(100, ic.builder_mb * 2**20 // (2 * per_row))  # two scopes open at once
     log(f"index: {len(groups)} models x 2 scopes ({', '.join(dims)}), {builders} builders, shards of at most "
         f"{shard_rows:,} products ({ic.dtype})")
     fs, path = storage.filesystem(storage.join(workdir, "index"))

@@ -35,6 +35,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, parse_overrides(args.set))
 
 
+def rejects_line(stats: dict, rejects_uri: str) -> str:
+    """``N rejected (n1 reason1, n2 reason2): see URI`` for a converter's summary (most frequent reason first)."""
+    reasons = ", ".join(f"{n:,} {kind}" for kind, n in sorted(stats["reasons"].items(), key=lambda kv: -kv[1]))
+    return f"{stats['rejected']:,} rejected" + (f" ({reasons}): see {rejects_uri}" if reasons else "")
+
+
 def start_ray() -> None:
     """Join the cluster when there is one (``ray job submit`` sets RAY_ADDRESS), else start a local Ray."""
     import ray

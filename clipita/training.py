@@ -122,7 +122,7 @@ def train_loop(config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = tc.use_gpu and torch.cuda.is_available()
-    if not use_gpu and tc.cpus_per_worker >= 1:
+    if not use_gpu and tc.workers > 0 and tc.cpus_per_worker >= 1:  # local mode (0) keeps the driver's threads
         torch.set_num_threads(int(tc.cpus_per_worker))  # Ray sets one OpenMP thread per reserved CPU otherwise
     categories = torch.from_numpy(config["categories"])
     runs: list[Run] = []

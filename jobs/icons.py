@@ -34,11 +34,10 @@ def main(argv: list[str] | None = None) -> None:
         s = icons.convert(args.package, args.out, size=args.size, workers=args.workers,
                           drop_path_tags=args.drop_path_tags)
         rejects = storage.join(args.out, icons.REJECTS_FILE)
-        reasons = ", ".join(f"{n:,} {kind}" for kind, n in sorted(s["reasons"].items(), key=lambda kv: -kv[1]))
         print(f"jobs.icons: {s['products']:,} products from {s['entries']:,} icons of {s['package'] or '?'}@"
               f"{s['version'] or '?'} ({s['license'] or 'licence unknown'}) to {args.out} in "
               f"{s['categories'][1]} categories / {s['categories'][2]} subcategories, {s['size']} px PNGs, in "
-              f"{s['seconds']} s; {s['rejected']:,} rejected" + (f" ({reasons}): see {rejects}" if reasons else ""))
+              f"{s['seconds']} s; {runtime.rejects_line(s, rejects)}")
         if s["products"] == 0:
             raise ValueError(f"no icon could be converted from {args.package}: see {rejects}")
 

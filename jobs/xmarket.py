@@ -34,10 +34,9 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
         s = xmarket.convert(args.metadata, args.out, images=args.images, workers=args.workers)
         rejects = storage.join(args.out, xmarket.REJECTS_FILE)
-        reasons = ", ".join(f"{n:,} {kind}" for kind, n in sorted(s["reasons"].items(), key=lambda kv: -kv[1]))
         print(f"jobs.xmarket: {s['products']:,} products from {s['read']:,} lines in {s['files']} file(s) to "
               f"{args.out} ({s['images_copied']:,} images copied, {s['image_urls']:,} image URLs) in "
-              f"{s['seconds']} s; {s['rejected']:,} rejected" + (f" ({reasons}): see {rejects}" if reasons else ""))
+              f"{s['seconds']} s; {runtime.rejects_line(s, rejects)}")
         if s["products"] == 0:
             raise ValueError(f"no product could be converted from {args.metadata}: see {rejects}")
 

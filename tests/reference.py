@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipita.evaluation import METRICS, SPLITS
+from clipita.evaluation import METRICS, SPLITS, ancestor_matrix
 from clipita.features import labels_for, load_categories, load_products
 from clipita.metrics import count_relevant, hits_from_ranking, retrieval_metrics
 from clipita.rankers import MODELS, Queries, load_ranker
-from clipita.tree import SEP, SETTINGS
-
-
-def ancestor_matrix(paths, index):
-    depth = max((len(p) for p in paths), default=1)
-    out = np.full((len(paths), depth), -1, dtype=np.int64)
-    for i, path in enumerate(paths):
-        for d in range(len(path)):
-            out[i, d] = index[SEP.join(path[: d + 1])]
-    return out
+from clipita.tree import SETTINGS
 
 
 def reference_metrics(workdir: str, cfg) -> dict[tuple, dict]:

@@ -61,3 +61,30 @@ def test_a_corrupted_shard_is_refused(ray_session, tmp_path):
         ShardedIndex(uri)
     with pytest.raises(IndexIntegrityError, match="manifest.json missing"):
         ShardedIndex(str(tmp_path / "nothing"))
+
+
+def test_jobs_index_streams_into_several_shards_that_search_as_one(ray_session, embedded_workdir, demo_config,
+                                                                    tmp_path):
+    """Builders write a shard whenever they hold index.builder_mb of vectors: tiny here, so several shards per
+    scope; their union, searched by fan-out, equals exact search over every product."""
+    import dataclasses
+    import shutil
+
+    from clipita.features import load_categories, load_products
+    from clipita.index import build_indexes, group_dir
+    from clipita.rankers import MPNetRanker, Queries
+
+    work = tmp_path / "work"
+    shutil.copytree(f"{embedded_workdir}/features", work / "features")
+    cfg = dataclasses.replace(demo_config, index=dataclasses.replace(demo_config.index, builder_mb=1, shards=2))
+    stats = build_indexes(str(work), cfg, log=lambda *_: None)
+    all_mpnet = next(g for g in stats["groups"] if g["group"] == "mpnet" and g["scope"] == "all")
+    assert all_mpnet["shards"] >= 3 and all_mpnet["count"] == 600
+    index = ShardedIndex(group_dir(str(work), "all", "mpnet"))
+    products, categories = load_products(str(work)), load_categories(str(work))
+    assert sorted(index.ids) == sorted(products.ids)  # every product once
+    ranker = MPNetRanker()
+    queries = ranker.query_vectors(Queries.from_categories(categories, categories.ids[:30]))
+    exact = rank_scores(queries @ ranker.product_vectors(products).T, 10)
+    found = index.search(queries, 10, ef=600)
+    assert [list(index.ids[r]) for r in found.rows] == [list(products.ids[r]) for r in exact]
