@@ -146,6 +146,7 @@ class IndexConfig:
     batch_size: int = 4096  # products per block through the vector stage
     vector_actors: int = 1  # most actors applying the models to the products (each loads every trained head)
     gpus_per_actor: float = 0.0  # GPUs per vector actor (0: CPU)
+    build_threads: int = 1  # threads per builder for HNSW inserts: 1 = the same graph every build, 0 = every core
     dtype: str = "f32"  # stored vector precision: f32 | f16 | i8 (USearch quantisation)
     connectivity: int = 16  # HNSW M: graph degree
     expansion_add: int = 128  # HNSW ef at build time
@@ -157,6 +158,7 @@ class IndexConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"index.{name} must be at least 1, got {getattr(self, name)}")
         _check_range("index.shards", self.shards, 0, 4096)
+        _check_range("index.build_threads", self.build_threads, 0, 1024)
         _check_range("index.gpus_per_actor", self.gpus_per_actor, 0.0, 8.0)
         _check_choice("index.dtype", self.dtype, ("f32", "f16", "i8"))
 

@@ -66,8 +66,9 @@ class ShardWriter:
     """Accumulates rows and each group's vectors of one scope; ``flush`` writes them as one shard per group."""
 
     def __init__(self, scope_uri: str, groups: dict[str, int], prefix: str, dtype: str, connectivity: int,
-                 expansion_add: int, rows_dir: str = "rows", shard_no: int = 0):
+                 expansion_add: int, rows_dir: str = "rows", shard_no: int = 0, threads: int = 1):
         self.scope_uri, self.groups, self.prefix, self.rows_dir = scope_uri, groups, prefix, rows_dir
+        self.threads = threads
         self.dtype, self.connectivity, self.expansion_add = dtype, connectivity, expansion_add
         self.shard_no = shard_no  # keys of shard s start at s << 32: unique across builders without coordination
         self.entries: dict[str, list[dict]] = {g: [] for g in groups}
@@ -87,8 +88,8 @@ class ShardWriter:
         first = (self.shard_no << 32) + self.count
         keys = np.arange(first, first + rows.num_rows, dtype=np.uint64)
         for g, index in self.indexes.items():
-            # threads=0: every core of the node; one builder per 2 CPUs leaves them mostly free once reads end
-            index.add(keys, np.ascontiguousarray(vectors[g], dtype=np.float32), threads=0)
+            # threads: 1 gives the same graph on every build; 0 (every core) builds faster, a slightly different one
+            index.add(keys, np.ascontiguousarray(vectors[g], dtype=np.float32), threads=self.threads)
         self.rows.append(rows)
         self.count += rows.num_rows
 
@@ -315,7 +316,8 @@ class ShardBuilder:
     def __init__(self, workdir: str, groups: dict[str, int], builder: int, shard_rows: int, ic):
         self.shard_rows = shard_rows
         self.writers = {scope: ShardWriter(storage.join(workdir, "index", scope), groups, f"b{builder:03d}",
-                                           ic.dtype, ic.connectivity, ic.expansion_add) for scope in SCOPES}
+                                           ic.dtype, ic.connectivity, ic.expansion_add, threads=ic.build_threads)
+                        for scope in SCOPES}
 
     def build(self, stream) -> dict:
         from clipita.features import vectors
