@@ -108,7 +108,7 @@ def validate(table: pa.Table, source: str, duplicates: dict[str, int], offset: i
     for name in COLUMNS:
         cols[name], reason = _cast_column(table, name)
         bad_type = bad_type or reason
-    ids = _ids(table)
+    ids = ids_of(table)
     if bad_type:
         q = {"product_id": ids, "reason": [f"{bad_type} (file {source.rsplit('/', 1)[-1]})"] * len(ids),
              "source": [f"{source}#{offset + i}" for i in range(len(ids))]}
@@ -147,7 +147,7 @@ def validate(table: pa.Table, source: str, duplicates: dict[str, int], offset: i
     return pa.table(good, schema=SCHEMA), pa.table(quarantine, schema=QUARANTINE_SCHEMA)
 
 
-def _ids(table: pa.Table) -> list[str | None]:
+def ids_of(table: pa.Table) -> list[str | None]:
     try:
         return table.column("product_id").cast(pa.string()).to_pylist()
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -156,7 +156,7 @@ def _ids(table: pa.Table) -> list[str | None]:
 
 def duplicate_ids(tables: list[pa.Table]) -> dict[str, int]:
     """id -> row count, for ids that appear more than once across all the tables."""
-    counts = Counter(v for t in tables for v in _ids(t) if v is not None)
+    counts = Counter(v for t in tables for v in ids_of(t) if v is not None)
     return {k: n for k, n in counts.items() if n > 1}
 
 

@@ -73,7 +73,7 @@ def _scan_file(uri: str, buckets: int) -> list:
     fs, path = storage.arrow_filesystem(uri)
     table = pq.read_table(path, columns=["product_id", "category_path"], filesystem=fs)
     out: list = [[] for _ in range(buckets)]
-    for pid in catalog._ids(table):
+    for pid in catalog.ids_of(table):
         if pid is not None:
             out[_bucket(pid, buckets)].append(pid)
     paths: Counter = Counter()
@@ -101,8 +101,7 @@ def scan_catalog(parts: list[Part]) -> tuple[dict[str, int], Counter]:
     rows = sum(p.stop - p.start for p in parts)
     buckets = max(1, -(-rows // IDS_PER_BUCKET))
     scan = ray.remote(num_cpus=1, num_returns=buckets + 1)(_scan_file)
-    outs = [scan.remote(f, buckets) for f in files]
-    outs = [o if isinstance(o, list) else [o] for o in outs]
+    outs = [scan.remote(f, buckets) for f in files]  # each: buckets id lists + the file's path counts
     reduce = ray.remote(num_cpus=1)(_duplicates)
     dups: dict[str, int] = {}
     for d in ray.get([reduce.remote(*[o[b] for o in outs]) for b in range(buckets)]):
