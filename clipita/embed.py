@@ -250,40 +250,26 @@ def _vector_column(rows: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(flat, rows.shape[1])
 
 
-def _write_parquet(uri: str, table: pa.Table) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    storage.write_bytes(uri, sink.getvalue().to_pybytes())
-
-
 def write_part(workdir: str, part: str, rows: pa.Table) -> tuple[int, int]:
     """Write one finished part: quarantine first, then features (whose existence marks the part done)."""
     ok = pc.equal(rows.column("reason"), "")
     bad = rows.filter(pc.invert(ok))
-    _write_parquet(storage.join(workdir, "quarantine", f"{part}.parquet"),
+    storage.write_parquet(storage.join(workdir, "quarantine", f"{part}.parquet"),
                    bad.select(["product_id", "reason", "source"]).cast(catalog.QUARANTINE_SCHEMA))
     good = rows.filter(ok).drop_columns(["part", "reason", "source"])
     good = good.append_column("n_attributes", pc.cast(pc.list_value_length(good.column("attributes")), pa.int32()))
-    _write_parquet(storage.join(features_dir(workdir), "products", f"{part}.parquet"), good)
+    storage.write_parquet(storage.join(features_dir(workdir), "products", f"{part}.parquet"), good)
     return good.num_rows, bad.num_rows
 
 
-def _parquet_names(uri: str) -> list[str]:
-    fs, path = storage.filesystem(uri)
-    try:
-        return sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
-    except FileNotFoundError:
-        return []
-
-
 def finished_parts(workdir: str) -> set[str]:
-    return {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in _parquet_names(storage.join(features_dir(workdir),
+    return {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in storage.parquet_files(storage.join(features_dir(workdir),
                                                                                            "products"))}
 
 
 def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
     """All parquet files of a folder (local or s3) as one table, files in name order (small folders, tests)."""
-    files = _parquet_names(uri)
+    files = [storage.filesystem(f)[1] for f in storage.parquet_files(uri)]
     if not files:
         raise FileNotFoundError(f"no parquet files under {uri}")
     afs, _ = storage.arrow_filesystem(uri)
@@ -331,9 +317,8 @@ def count_outputs(workdir: str, files_per_task: int = 64) -> tuple[int, Counter,
     and earlier ones'), by Ray tasks over the files."""
     import ray
 
-    prefix = "s3://" if workdir.startswith("s3://") else ""
-    feats = [prefix + f for f in _parquet_names(storage.join(features_dir(workdir), "products"))]
-    quarantine = [prefix + f for f in _parquet_names(storage.join(workdir, "quarantine"))]
+    feats = storage.parquet_files(storage.join(features_dir(workdir), "products"))
+    quarantine = storage.parquet_files(storage.join(workdir, "quarantine"))
     task = ray.remote(num_cpus=1)(_count_outputs)
     refs = [task.remote(feats[i:i + files_per_task], []) for i in range(0, len(feats), files_per_task)]
     refs += [task.remote([], quarantine[i:i + files_per_task]) for i in range(0, len(quarantine), files_per_task)]
@@ -403,7 +388,7 @@ def run_embed(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
         tree = tree.filter(keep)  # nodes of quarantined rows only: not part of the embedded catalogue's tree
         tree = tree.add_column(4, "products", pa.array([nodes[c] for c in tree.column("category").to_pylist()],
                                                        pa.int64()))
-        _write_parquet(categories_uri, tree)
+        storage.write_parquet(categories_uri, tree)
         n_categories = tree.num_rows
     stats = {"stage": "embed", "read": sum(p.stop - p.start for p in parts), "used": n_used,
              "quarantined": sum(reasons.values()), "reasons": dict(reasons), "parts": len(parts),

@@ -23,8 +23,6 @@ from clipita.tree import SETTINGS, CategoryTree, Labeler, Labels, assign_labels,
 
 BLOCK_BYTES = 32 * 2**20  # Ray Data block size for the feature streams (Ray's default is 128 MiB)
 COLUMNS = {"image": "image_emb", "title": "title_emb", "attributes": "attr_emb"}  # model input -> its column
-# Columns a stage that needs no vectors reads: a few bytes a product instead of ~3 KB.
-META_COLUMNS = ["product_id", "title", "image", "category_path"]
 
 
 def vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -78,15 +76,10 @@ def load_products(workdir: str) -> Products:
 def product_files(workdir: str) -> list[str]:
     """URIs of the products' parquet files, in name order."""
     uri = storage.join(features_dir(workdir), "products")
-    fs, path = storage.filesystem(uri)
-    try:
-        files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
-    except FileNotFoundError:
-        files = []
+    files = storage.parquet_files(uri)
     if not files:
         raise FileNotFoundError(f"no parquet files under {uri}: run jobs.embed (or bring features, README)")
-    prefix = uri.split("://", 1)[0] + "://" if storage.is_remote(uri) else ""
-    return [prefix + f for f in files]
+    return files
 
 
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
@@ -202,15 +195,16 @@ def census(workdir: str, labeler: Labeler) -> Census:
     while refs:  # sum as tasks finish: the driver holds one file's counts at a time besides the totals
         done, refs = ray.wait(refs, num_returns=1)
         by_label, by_node = ray.get(done[0])
-        for key, counter in by_label.items():
-            labels.setdefault(key, {})
-            for c, n in counter.items():
-                labels[key][c] = labels[key].get(c, 0) + n
-        for key, counter in by_node.items():
-            nodes.setdefault(key, {})
-            for c, n in counter.items():
-                nodes[key][c] = nodes[key].get(c, 0) + n
+        _add(labels, by_label)
+        _add(nodes, by_node)
     return Census(labels, nodes)
+
+
+def _add(totals: dict, counters: dict) -> None:
+    for key, counter in counters.items():
+        into = totals.setdefault(key, {})
+        for c, n in counter.items():
+            into[c] = into.get(c, 0) + n
 
 
 def model_rows(batch: pa.Table, labeler: Labeler, node_index: dict[str, int], split: str,

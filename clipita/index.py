@@ -56,12 +56,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_parquet(uri: str, table: pa.Table) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    storage.write_bytes(uri, sink.getvalue().to_pybytes())
-
-
 class ShardWriter:
     """Accumulates rows and each group's vectors of one scope; ``flush`` writes them as one shard per group."""
 
@@ -97,7 +91,7 @@ class ShardWriter:
         if self.count == 0:
             return
         name = f"{self.prefix}-{self.shard_no:05d}"
-        _write_parquet(storage.join(self.scope_uri, self.rows_dir, f"{name}.parquet"), pa.concat_tables(self.rows))
+        storage.write_parquet(storage.join(self.scope_uri, self.rows_dir, f"{name}.parquet"), pa.concat_tables(self.rows))
         for g, index in self.indexes.items():
             data = bytes(index.save())
             storage.write_bytes(storage.join(self.scope_uri, g, f"{name}.usearch"), data)

@@ -109,6 +109,27 @@ def makedirs(uri: str) -> None:
         fs.makedirs(path, exist_ok=True)
 
 
+def write_parquet(uri: str, table) -> None:
+    """A pyarrow table as one parquet file at ``uri`` (one PUT on object storage: atomic)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(uri, sink.getvalue().to_pybytes())
+
+
+def parquet_files(uri: str) -> list[str]:
+    """URIs of the parquet files directly under a folder, in name order ([] when it does not exist)."""
+    fs, path = filesystem(uri)
+    try:
+        files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    except FileNotFoundError:
+        return []
+    prefix = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
+    return [prefix + f for f in files]
+
+
 def resolve(base: str, location: str) -> str:
     """A location relative to ``base`` (a catalogue root), or an absolute URI / path as it is."""
     if "://" in location or location.startswith("/"):
