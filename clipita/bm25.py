@@ -31,22 +31,32 @@ def tokenize(text: str) -> list[str]:
 
 
 class SparseBM25:
-    """BM25 Okapi (k1, b, epsilon as rank_bm25) over titles; ``top_k`` ranks them for query strings."""
+    """BM25 Okapi (k1, b, epsilon as rank_bm25) over titles; ``top_k`` ranks them for query strings.
+
+    The titles may be one partition of a larger corpus: ``stats`` gives this partition's document frequencies,
+    ``BM25Corpus.merge`` combines every partition's, and ``use`` scores with the merged (global) idf and mean
+    length, so each partition's scores are bitwise those of one index over the whole corpus."""
 
     def __init__(self, titles: Sequence[str], k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25):
         self.k1, self.b, self.epsilon = k1, b, epsilon
         # Term ids in order of first occurrence (document order, then token order): rank_bm25 sums the idf for
         # its average in that order (its dict's insertion order), and float addition is order-sensitive.
         self.vocab: dict[str, int] = {}
+        first = array("q")  # per term: its first document row << 16 | token position there
         token_ids, lengths = array("i"), array("i")  # 4 bytes a token, not a Python list of ints
-        for title in titles:
+        for row, title in enumerate(titles):
             tokens = tokenize(str(title)) or [EMPTY]
             lengths.append(len(tokens))
-            token_ids.extend([self.vocab.setdefault(t, len(self.vocab)) for t in tokens])
+            for pos, t in enumerate(tokens):
+                tid = self.vocab.setdefault(t, len(self.vocab))
+                if tid == len(first):
+                    first.append(row << 16 | min(pos, 0xFFFF))
+                token_ids.append(tid)
         n, n_terms = len(lengths), len(self.vocab)
         if n == 0:
             raise ValueError("SparseBM25 needs at least one title")
         self.doc_len = np.frombuffer(lengths, np.int32).astype(np.int64)
+        self.first = np.frombuffer(first, np.int64)
         terms = np.frombuffer(token_ids, np.int32)
 
         # Postings: one (term, row) key per token, counted; sorted by term then row, so each term's rows ascend.
@@ -57,19 +67,25 @@ class SparseBM25:
         self.indptr = np.zeros(n_terms + 1, np.int64)
         np.cumsum(np.bincount(keys // n, minlength=n_terms), out=self.indptr[1:])
         del keys, terms
+        self.use(BM25Corpus.merge([self.stats()], epsilon))
 
-        # idf exactly as BM25Okapi._calc_idf: math.log (numpy's log may differ in the last bit), a left-to-right
-        # sum for the average (sum() compensates on Python >= 3.12), then the floor on the negative ones.
-        idf = [math.log(n - f + 0.5) - math.log(f + 0.5) for f in np.diff(self.indptr).tolist()]
-        idf_sum = 0.0
-        for v in idf:
-            idf_sum += v
-        self.average_idf = idf_sum / n_terms
-        self.idf = np.array(idf, np.float64)
-        self.idf[self.idf < 0] = self.epsilon * self.average_idf
-        self.avgdl = int(self.doc_len.sum()) / n
+    def stats(self, doc_keys: Sequence[str] | None = None) -> dict:
+        """Document count, total length and, per term, (document frequency, sort key of its first occurrence).
+        ``doc_keys`` orders this partition's documents within the whole corpus (e.g. their product ids, the
+        corpus being sorted by id); by default documents are ordered by row."""
+        df = np.diff(self.indptr).tolist()
+        rows, pos = (self.first >> 16).tolist(), (self.first & 0xFFFF).tolist()
+        keys = rows if doc_keys is None else [doc_keys[r] for r in rows]
+        return {"n": len(self), "length": int(self.doc_len.sum()),
+                "terms": {t: (df[i], keys[i], pos[i]) for t, i in self.vocab.items()}}
+
+    def use(self, corpus: "BM25Corpus") -> None:
+        """Score with ``corpus``'s idf and mean document length (this partition's terms must be in it)."""
+        self.idf = np.array([corpus.idf[t] for t in self.vocab], np.float64)
+        self.avgdl, self.average_idf = corpus.avgdl, corpus.average_idf
         # The document half of get_scores' denominator, same expression, computed once instead of per query.
         self.norm = self.k1 * (1 - self.b + self.b * self.doc_len / self.avgdl)
+
 
     def __len__(self) -> int:
         return len(self.doc_len)
@@ -121,3 +137,34 @@ class SparseBM25:
             top = rank_scores(cand_scores[None], k)[0]
             out_rows[i], out_scores[i] = cand[top], cand_scores[top]
         return out_rows, out_scores
+
+
+class BM25Corpus:
+    """idf of every term and the mean document length of a corpus, from its partitions' ``SparseBM25.stats``."""
+
+    def __init__(self, idf: dict[str, float], avgdl: float, average_idf: float):
+        self.idf, self.avgdl, self.average_idf = idf, avgdl, average_idf
+
+    @classmethod
+    def merge(cls, stats: Sequence[dict], epsilon: float = 0.25) -> "BM25Corpus":
+        n = sum(s["n"] for s in stats)
+        df: dict[str, list] = {}
+        for s in stats:
+            for t, (f, key, pos) in s["terms"].items():
+                seen = df.get(t)
+                if seen is None:
+                    df[t] = [f, key, pos]
+                else:
+                    seen[0] += f
+                    seen[1:] = min(seen[1:], [key, pos])
+        # idf exactly as BM25Okapi._calc_idf: math.log (numpy's log may differ in the last bit), a left-to-right
+        # sum for the average in first-occurrence order (sum() compensates on Python >= 3.12), then the floor on
+        # the negative ones.
+        order = sorted(df, key=lambda t: df[t][1:])
+        idf = {t: math.log(n - df[t][0] + 0.5) - math.log(df[t][0] + 0.5) for t in order}
+        idf_sum = 0.0
+        for t in order:
+            idf_sum += idf[t]
+        average_idf = idf_sum / len(order)
+        return cls({t: v if v >= 0 else epsilon * average_idf for t, v in idf.items()},
+                   sum(s["length"] for s in stats) / n, average_idf)

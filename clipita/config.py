@@ -164,12 +164,25 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """jobs.evaluate: exact ranking of the test split by partitions of its index shards."""
+
+    ranker_rows: int = 250_000  # most test products one ranking actor holds: more products, more actors (top-k merged)
+    recall_queries: int = 64  # queries per (setting, model) whose HNSW walk is checked against exact ranking
+
+    def __post_init__(self) -> None:
+        _check_range("evaluate.ranker_rows", self.ranker_rows, 1, 10**9)
+        _check_range("evaluate.recall_queries", self.recall_queries, 0, 10**6)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:

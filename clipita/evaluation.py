@@ -50,7 +50,6 @@ PAPER_TABLE = {
 }
 
 
-RECALL_SAMPLE = 64  # queries per (setting, model) whose index ranking is checked against exact search
 CHUNK_ENTRIES = 1 << 21  # queries x depth ranked in one call: bounds an actor's result arrays (~16 MB)
 
 
@@ -70,22 +69,23 @@ def hierarchy_hits(ranked: np.ndarray, ancestors: np.ndarray, queries: np.ndarra
 
 
 class QueryRanker:
-    """Ray actor: the test split's candidates (rows of the test-scope index), ranking batches of queries."""
+    """Ray actor: one partition of the test split's candidates (consecutive shards of the test-scope index; row
+    positions count from ``base``), returning each query's top-k with what the merge needs."""
 
-    def __init__(self, workdir: str, labeler, node_index: dict[str, int]):
+    def __init__(self, workdir: str, labeler, node_index: dict[str, int], shards: tuple[int, int], base: int):
         import pyarrow as pa
         import pyarrow.compute as pc
 
         from clipita.bm25 import SparseBM25
         from clipita.index import read_rows
 
-        self.workdir = workdir
+        self.workdir, self.shards, self.base = workdir, shards, base
         uri = group_dir(workdir, "test", "mpnet")
         manifest = storage.read_json(storage.join(uri, "manifest.json"))
         labels: dict[str, list[np.ndarray]] = {s: [] for s in SETTINGS}
         ancestors, ids, titles = [], [], []
         depth = max((n.count(SEP) + 1 for n in node_index), default=1)
-        for entry in manifest["shards"]:  # one shard's rows at a time: Python objects never exceed a shard
+        for entry in manifest["shards"][slice(*shards)]:  # a shard's rows at a time: Python objects stay per shard
             rows = read_rows(uri, dict(manifest, shards=[entry]), ["product_id", "title", "category_path"])
             pids, paths = rows.column("product_id").to_pylist(), rows.column("category_path").to_pylist()
             for s in SETTINGS:
@@ -97,9 +97,11 @@ class QueryRanker:
         self.labels = {s: np.concatenate(v) if v else np.zeros(0, np.int32) for s, v in labels.items()}
         self.ancestors = np.concatenate(ancestors) if ancestors else np.zeros((0, depth), np.int32)
         self.count = len(self.ancestors)
-        # bm25 ranks ties by product id (the first landing's order): its documents are the titles sorted by id
+        # bm25 ranks ties by product id (the first landing's order): its documents are the titles sorted by id,
+        # and the merge breaks ties across partitions by id too
         ids_array = pa.chunked_array(ids, pa.string())
         self.by_id = pc.sort_indices(ids_array).to_numpy().astype(np.int64)
+        self.sorted_ids = ids_array.take(pa.array(self.by_id)).combine_chunks()
         self.bm25 = SparseBM25(pa.chunked_array(titles, pa.string()).take(pa.array(self.by_id)).to_pylist()) \
             if self.count else None
         self.indexes: dict[str, ShardedIndex] = {}
@@ -107,43 +109,109 @@ class QueryRanker:
     def size(self) -> int:
         return self.count
 
+    def bm25_stats(self) -> dict | None:
+        return self.bm25.stats(self.sorted_ids.to_pylist()) if self.bm25 else None
+
+    def use_corpus(self, corpus) -> None:
+        """Score bm25 with the whole test split's idf and mean title length (clipita.bm25.BM25Corpus)."""
+        if self.bm25:
+            self.bm25.use(corpus)
+
     def _index(self, group: str) -> ShardedIndex:
         if group not in self.indexes:
-            index = ShardedIndex(group_dir(self.workdir, "test", group), columns=None)
+            index = ShardedIndex(group_dir(self.workdir, "test", group), columns=None, shards=self.shards)
             if len(index) != self.count:
-                raise IndexIntegrityError(f"index test/{group} has {len(index)} products, test/mpnet {self.count}: "
-                                          "run jobs.index")
+                raise IndexIntegrityError(f"index test/{group} has {len(index)} products in shards {self.shards}, "
+                                          f"test/mpnet {self.count}: run jobs.index")
             self.indexes[group] = index
         return self.indexes[group]
 
-    def rank(self, group: str, queries, k: int) -> np.ndarray:
-        """Exact top-k: bm25 through its inverted index, dense models by usearch's brute-force scan of the shards
-        (the metrics describe the model, not the approximation of a graph walk)."""
-        if group == "bm25":
-            rows, _ = self.bm25.top_k(queries, k)
-            return np.where(rows >= 0, self.by_id[np.maximum(rows, 0)], -1)
-        return self._index(group).search(queries, k, exact=True).rows
+    def top_k(self, setting: str, group: str, queries, nodes: np.ndarray, k: int, ef: int, sample: int) -> dict:
+        """Exact top-k of this partition: bm25 through its inverted index, dense models by usearch's brute-force
+        scan of the shards (the metrics describe the model, not the approximation of a graph walk). Returns the
+        scores, the merge's tie-break keys (global row; product id for bm25), exact and hierarchy hits, and for
+        the first ``sample`` queries the HNSW walk serving would do (global rows, scores)."""
+        import pyarrow as pa
 
-    def evaluate(self, setting: str, group: str, queries, nodes: np.ndarray, n_rel: np.ndarray,
-                 h_rel: np.ndarray, k: int, ef: int, recall_sample: int) -> dict:
-        ranked = self.rank(group, queries, min(k, self.count))
-        hits = (self.labels[setting][np.maximum(ranked, 0)] == nodes[:, None]) & (ranked >= 0)
-        out = {"exact": per_query_metrics(hits, n_rel), "hierarchy": per_query_metrics(
-            hierarchy_hits(ranked, self.ancestors, nodes), h_rel), "recall": None}
-        if group != "bm25" and recall_sample:  # what serving gets: the HNSW walk at index.expansion_search
+        k = min(k, self.count)
+        if group == "bm25":
+            rows, scores = self.bm25.top_k(queries, k)
+            key = self.sorted_ids.take(pa.array(rows.ravel()))
+            rows = self.by_id[rows]
+        else:
+            found = self._index(group).search(queries, k, exact=True)
+            rows, scores = found.rows, found.scores
+            key = np.where(rows >= 0, rows + self.base, -1)
+        out = {"score": scores, "key": key, "hits": (self.labels[setting][np.maximum(rows, 0)] == nodes[:, None])
+               & (rows >= 0), "hierarchy": hierarchy_hits(rows, self.ancestors, nodes), "walk": None}
+        if group != "bm25" and sample:
             top = min(10, self.count)
-            walk = self._index(group).search(queries[:recall_sample], top, ef=max(ef, top)).rows
-            out["recall"] = [len(set(a) & set(b[:top])) / top for a, b in zip(walk, ranked[:recall_sample])]
+            walk = self._index(group).search(queries[:sample], top, ef=max(ef, top))
+            out["walk"] = (np.where(walk.rows >= 0, walk.rows + self.base, -1), walk.scores)
         return out
 
 
-def _chunks(depth: np.ndarray) -> list[np.ndarray]:
-    """Query positions in batches of similar depth, each batch's queries x depth at most CHUNK_ENTRIES."""
+def bm25_corpus(*stats):
+    """Ray task: the partitions' bm25 statistics merged (idf over the whole test split)."""
+    from clipita.bm25 import BM25Corpus
+
+    return BM25Corpus.merge([s for s in stats if s])
+
+
+def _best_first(scores: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """Column order of the top k per row: higher score first, then lower key (-1 keys, padding, last)."""
+    keys = np.where(keys < 0, np.iinfo(np.int64).max, keys)
+    return np.lexsort((keys, -scores), axis=1)[:, :k]
+
+
+def merge_top_k(k: int, n_rel: np.ndarray, h_rel: np.ndarray, *parts: dict) -> dict:
+    """Ray task: the partitions' top-k lists of one batch of queries merged into the global top-k, reduced to
+    per-query metrics (and, where sampled, the HNSW walk's recall@10 against the exact top 10)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    score = np.concatenate([p["score"] for p in parts], axis=1)
+    if isinstance(parts[0]["key"], np.ndarray):
+        key = np.concatenate([p["key"] for p in parts], axis=1)
+    else:  # bm25: product ids, ranked together so that ties break by id as in one index over the whole split
+        ranks = pc.rank(pa.concat_arrays([p["key"] for p in parts]), sort_keys="ascending", tiebreaker="dense")
+        ranks, widths = ranks.to_numpy().astype(np.int64), [p["score"].shape[1] for p in parts]
+        offsets = np.cumsum([0] + [len(score) * w for w in widths])
+        key = np.concatenate([ranks[a:b].reshape(len(score), w) for a, b, w in zip(offsets, offsets[1:], widths)],
+                             axis=1)
+    order = _best_first(score, key, k)
+    out = {kind: per_query_metrics(np.take_along_axis(np.concatenate([p[kind] for p in parts], axis=1), order, 1),
+                                   rel) for kind, rel in (("hits", n_rel), ("hierarchy", h_rel))}
+    out["recall"] = None
+    walks = [p["walk"] for p in parts if p["walk"] is not None]
+    if walks:
+        rows, scores = np.concatenate([w[0] for w in walks], 1), np.concatenate([w[1] for w in walks], 1)
+        top = min(10, order.shape[1])
+        walk = np.take_along_axis(rows, _best_first(scores, rows, top), 1)
+        exact = np.take_along_axis(key, order, 1)[: len(walk), :top]
+        out["recall"] = [len(set(a) & set(b)) / top for a, b in zip(walk, exact)]
+    return out
+
+
+def partitions(counts: list[int], max_rows: int) -> list[tuple[int, int, int]]:
+    """Consecutive shard ranges (start, stop, first row) of at most ``max_rows`` rows, at least one shard each."""
+    out, start, rows, base = [], 0, 0, 0
+    for i, c in enumerate(counts):
+        if i > start and rows + c > max_rows:
+            out.append((start, i, base))
+            start, base, rows = i, base + rows, 0
+        rows += c
+    return out + [(start, len(counts), base)] if counts else out
+
+
+def _chunks(depth: np.ndarray, entries: int = 0) -> list[np.ndarray]:
+    """Query positions in batches of similar depth, each batch's queries x depth at most ``entries``."""
+    entries = entries or CHUNK_ENTRIES
     order = np.argsort(depth, kind="stable")
     out, start = [], 0
     while start < len(order):
         stop = start + 1
-        while stop < len(order) and (stop - start + 1) * depth[order[stop]] <= CHUNK_ENTRIES and stop - start < 512:
+        while stop < len(order) and (stop - start + 1) * depth[order[stop]] <= entries and stop - start < 512:
             stop += 1
         out.append(order[start:stop])
         start = stop
@@ -169,12 +237,24 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
     labeler = labeler_for(workdir, cfg.data, tree)
     counts = census(workdir, labeler)
     node_index = {c: i for i, c in enumerate(categories.ids)}
-    actors = [ray.remote(num_cpus=1)(QueryRanker).remote(workdir, labeler, node_index)
-              for _ in range(default_builders())]
-    n_candidates = ray.get(actors[0].size.remote())
-    log(f"evaluate: {n_candidates:,} test candidates, {len(actors)} ranking actors")
+    manifest = storage.read_json(storage.join(group_dir(workdir, "test", "mpnet"), "manifest.json"))
+    n_candidates = sum(e["count"] for e in manifest["shards"])
     if n_candidates == 0:
         raise ValueError("the test split is empty: raise data.test_fraction or add products")
+    # Each partition of the shards is one actor; a batch of queries goes to every partition and a task merges
+    # their top-k. Where CPUs allow, whole replicas of the partition set take batches in turn.
+    parts = partitions([e["count"] for e in manifest["shards"]], cfg.evaluate.ranker_rows)
+    cpus = ray.cluster_resources().get("CPU", 2)
+    replicas = max(1, default_builders() // len(parts))
+    per_actor = round(max(0.01, min(1.0, max(1.0, cpus - 1) / (len(parts) * replicas))), 2)  # merges need a CPU
+    groups = [[ray.remote(num_cpus=per_actor)(QueryRanker).remote(workdir, labeler, node_index, (a, b), base)
+               for a, b, base in parts] for _ in range(replicas)]
+    for group in groups:
+        corpus = ray.remote(bm25_corpus).remote(*[a.bm25_stats.remote() for a in group])
+        ray.get([a.use_corpus.remote(corpus) for a in group])
+    merge = ray.remote(merge_top_k)
+    log(f"evaluate: {n_candidates:,} test candidates in {len(parts)} partition(s) of at most "
+        f"{cfg.evaluate.ranker_rows:,}, {len(parts) * replicas} ranking actor(s)")
     rows: list[dict] = []
     for setting in SETTINGS:
         test_labels = counts.labels.get((setting, "test"), {})
@@ -186,7 +266,7 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
         queries = Queries.from_categories(categories, query_ids, cfg.data.query_text)
         nodes = np.array([node_index[q] for q in query_ids], dtype=np.int32)
         depth = np.minimum(n_candidates, np.maximum(10, np.maximum(n_rel, h_rel)))  # deep enough for R-precision
-        batches = _chunks(depth)
+        batches = _chunks(depth, CHUNK_ENTRIES // len(parts))
         for model in MODELS:
             try:
                 ranker = load_ranker(workdir, model, setting)
@@ -195,28 +275,37 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
                     log(f"evaluate: {setting}/{model}: skipped ({str(e).splitlines()[0]})")
                     continue
                 raise
-            group = "bm25" if model == "bm25" else group_name(model, setting if model in TRAINED else None)
+            group_ = "bm25" if model == "bm25" else group_name(model, setting if model in TRAINED else None)
             vectors = None if model == "bm25" else ranker.query_vectors(queries)
-            refs, budget = [], RECALL_SAMPLE
-            for i, idx in enumerate(batches):
-                q = [queries.texts[j] for j in idx] if vectors is None else vectors[idx]
-                sample = min(budget, len(idx))
-                budget -= sample
-                refs.append(actors[i % len(actors)].evaluate.remote(
-                    setting, group, q, nodes[idx], n_rel[idx], h_rel[idx], int(depth[idx].max()),
-                    cfg.index.expansion_search, sample))
-            per_query: dict[str, dict[str, np.ndarray]] = {"exact": {}, "hierarchy": {}}
+            per_query: dict[str, dict[str, np.ndarray]] = {"hits": {}, "hierarchy": {}}
             recall: list[float] = []
-            for idx, out in zip(batches, ray.get(refs)):
+
+            def collect(ref, idx) -> None:
+                out = ray.get(ref)
                 for kind in per_query:
                     for key, v in out[kind].items():
                         per_query[kind].setdefault(key, np.full(len(query_ids), np.nan))[idx] = v
-                recall += out["recall"] or []
+                recall.extend(out["recall"] or [])
+
+            pending, budget = {}, cfg.evaluate.recall_queries
+            for i, idx in enumerate(batches):
+                if len(pending) >= 2 * replicas:  # bounds the top-k lists waiting in the object store
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    collect(done[0], pending.pop(done[0]))
+                q = [queries.texts[j] for j in idx] if vectors is None else vectors[idx]
+                sample = min(budget, len(idx))
+                budget -= sample
+                k = int(depth[idx].max())
+                tops = [a.top_k.remote(setting, group_, q, nodes[idx], k, cfg.index.expansion_search, sample)
+                        for a in groups[i % replicas]]
+                pending[merge.remote(k, n_rel[idx], h_rel[idx], *tops)] = idx
+            for ref, idx in pending.items():
+                collect(ref, idx)
             how = "exact" if model == "bm25" else "usearch exact"  # both return the exact top-k
             index_recall = float(np.mean(recall)) if recall else None
             for split in SPLITS:
                 sel = np.ones(len(query_ids), bool) if split == "all" else (seen if split == "seen" else ~seen)
-                m, h = _means(per_query["exact"], sel), _means(per_query["hierarchy"], sel)
+                m, h = _means(per_query["hits"], sel), _means(per_query["hierarchy"], sel)
                 rows.append({"setting": setting, "model": model, "split": split, "queries": int(sel.sum()),
                              "candidates": n_candidates, **{k_: _clean(m[k_]) for k_ in (
                                  *METRICS, "mAP@5_std", "mAP@10_std")},
@@ -226,8 +315,9 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
             log(f"evaluate: {setting:8s} {model:8s} P@10 {top['P@10']:6.2f}  mAP@10 {top['mAP@10']:6.2f}  "
                 f"R-prec {top['R-prec']:6.2f}  ({how}"
                 f"{'' if index_recall is None else f', recall@10 {index_recall:.3f}'})")
-    for a in actors:
-        ray.kill(a)
+    for group in groups:
+        for a in group:
+            ray.kill(a)
     add_base_to_new(rows)
     storage.write_json(storage.join(workdir, "metrics.json"), rows)
     storage.write_bytes(storage.join(workdir, "metrics.md"), metrics_markdown(rows).encode())

@@ -153,13 +153,17 @@ class ShardedIndex:
     rows files are loaded as one Arrow table (``rows``) whose positions are what ``search`` returns."""
 
     def __init__(self, uri: str, view: bool = True, cache_dir: str | None = None,
-                 columns: list[str] | None = ("product_id",)):
+                 columns: list[str] | None = ("product_id",), shards: tuple[int, int] | None = None):
+        """``shards`` (start, stop): only those shards of the manifest (one partition of the group); row
+        positions then count from the first of them."""
         from usearch.index import Index
 
         try:
             self.manifest = storage.read_json(storage.join(uri, "manifest.json"))
         except storage.StorageError:
             raise IndexIntegrityError(f"no index at {uri} (manifest.json missing): run jobs.index") from None
+        if shards is not None:
+            self.manifest = dict(self.manifest, shards=self.manifest["shards"][slice(*shards)])
         entries = self.manifest["shards"]
         counts = np.array([e["count"] for e in entries], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])

@@ -153,3 +153,32 @@ def test_tokenize_unchanged():
         text = "".join(rng.choice(pool, int(rng.integers(0, 30))))
         assert tokenize(text) == _old_tokenize(text)
     assert tokenize("Women's Boots, size 38 — Über") == ["women", "s", "boots", "size", "38", "über"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_partitions_merged_equal_one_index(seed):
+    """Titles split over partitions (as evaluation's ranking actors hold them), scored with the merged corpus
+    statistics and merged by (score, product id), give exactly rank_bm25's top-k over the id-sorted corpus."""
+    from clipita.bm25 import BM25Corpus
+
+    titles, queries = corpus(seed)
+    ids = [f"p{i:05d}" for i in range(len(titles))]
+    rng = np.random.default_rng(seed)
+    part_of = rng.integers(0, 3, len(titles))
+    parts = [[i for i in range(len(titles)) if part_of[i] == p] for p in range(3)]
+    parts = [p for p in parts if p]
+    indexes = [SparseBM25([titles[i] for i in p]) for p in parts]
+    corpus_ = BM25Corpus.merge([ix.stats([ids[i] for i in p]) for ix, p in zip(indexes, parts)])
+    for ix in indexes:
+        ix.use(corpus_)
+    k = 15
+    rows, scores, _ = reference(titles, queries, k)
+    got_rows, got_scores = [], []
+    for ix, p in zip(indexes, parts):
+        r, s = ix.top_k(queries, k)
+        got_rows.append(np.asarray(p)[r])
+        got_scores.append(s)
+    r, s = np.concatenate(got_rows, 1), np.concatenate(got_scores, 1)
+    order = np.lexsort((r, -s), axis=1)[:, :k]  # ids sort like rows here
+    np.testing.assert_array_equal(np.take_along_axis(r, order, 1), rows)
+    assert np.take_along_axis(s, order, 1).tobytes() == scores.tobytes()

@@ -85,6 +85,37 @@ def test_streaming_evaluation_equals_the_first_landings_in_memory_metrics(rows, 
             assert r["hierarchy"][key] == round(ref["hierarchy"][key], 4), (r["setting"], r["model"], key)
 
 
+def test_partitioned_ranking_equals_one_actor(trained_workdir, demo_config, tmp_path):
+    """Candidates split over ranking actors (one per shard here), their top-k merged, give the same rows as one
+    actor holding the whole test split (shards of 100 rows here): dense ties break by global row, bm25 by product id over the merged idf."""
+    import dataclasses
+    import shutil
+
+    from clipita.config import load_config
+    from clipita.evaluation import partitions
+    from clipita.index import build_indexes
+    from conftest import DEMO_SETTINGS, OFFLINE_CONFIG
+
+    workdir = str(tmp_path / "work")
+    shutil.copytree(trained_workdir, workdir, ignore=shutil.ignore_patterns("index", "metrics*", "evaluation"))
+    cfg = load_config(OFFLINE_CONFIG, {**DEMO_SETTINGS, "index.builder_mb": 1})
+    build_indexes(workdir, cfg, log=lambda *_: None)
+    shards = storage.read_json(f"{workdir}/index/test/mpnet/manifest.json")["shards"]
+    assert len(partitions([e["count"] for e in shards], 1)) == len(shards) >= 2
+    whole = evaluate(workdir, cfg, log=lambda *_: None)
+    split = evaluate(workdir, dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, ranker_rows=1)),
+                     log=lambda *_: None)
+    assert split == whole
+
+
+def test_partitions_by_hand():
+    from clipita.evaluation import partitions
+
+    assert partitions([5, 5, 5], 10) == [(0, 2, 0), (2, 3, 10)]
+    assert partitions([12, 3], 10) == [(0, 1, 0), (1, 2, 12)]  # a shard larger than the bound is one partition
+    assert partitions([], 10) == []
+
+
 def test_harmonic_mean_by_hand():
     assert harmonic_mean(60.0, 40.0) == 48.0 and harmonic_mean(0.0, 0.0) == 0.0 and harmonic_mean(None, 5.0) is None
 
