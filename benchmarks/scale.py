@@ -11,8 +11,9 @@ reported apart.
 
 Goal (issue "no process holds the catalogue"): the driver's and the largest worker's peak RSS flat in N (at most
 1.5 GB, within 25% from 100k to 1M) and wall time at most linear. RSS counts pages a process touched, Ray's
-shared-memory object store included, so the figures are an upper bound on its private memory; the ``private``
-column is the anonymous resident memory alone (RssAnon: no object store, no libraries' code).
+shared-memory object store included (bounded by ``data.stream_mb`` per stream), so the figures are an upper bound
+on its private memory. Each cell gives RSS (private / object store): RssAnon, the process's own memory, and
+RssShmem, object-store pages it has mapped; the rest of RSS is libraries' code.
 
 Prints the machine, the date, the command and one markdown table for benchmarks/RESULTS.md.
 """
@@ -53,8 +54,8 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
-def _memory(pid: int) -> tuple[int, int, str] | None:
-    """(RSS, RSS without shared file and shared-memory pages, command) from /proc/PID/status and cmdline."""
+def _memory(pid: int) -> tuple[int, int, int, str] | None:
+    """(RSS, its anonymous part, its shared-memory part (Ray's object store), command) from /proc/PID."""
     try:
         with open(f"/proc/{pid}/status") as f:
             kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if v.strip().endswith("kB")}
@@ -64,16 +65,17 @@ def _memory(pid: int) -> tuple[int, int, str] | None:
     except (OSError, ValueError):
         return None
     rss = kb.get("VmRSS", 0) * 1024
-    return rss, kb.get("RssAnon", 0) * 1024, name
+    return rss, kb.get("RssAnon", 0) * 1024, kb.get("RssShmem", 0) * 1024, name
 
 
 class Sampler(threading.Thread):
-    """Peak RSS (and its private, anonymous part) of every process under ``pid``, by role, until stopped."""
+    """Peak RSS, and the peaks of its private (anonymous) and object-store (shared-memory) parts, of every process
+    under ``pid``, by role, until stopped."""
 
     def __init__(self, pid: int, every: float = 0.5):
         super().__init__(daemon=True)
         self.pid, self.every, self.stop = pid, every, threading.Event()
-        self.peak: dict[int, tuple[int, int, str]] = {}  # pid -> (rss, private, name)
+        self.peak: dict[int, tuple[int, int, int, str]] = {}  # pid -> (rss, private, shmem, name)
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -81,18 +83,22 @@ class Sampler(threading.Thread):
                 m = _memory(pid)
                 if m is None:
                     continue
-                old = self.peak.get(pid)
-                if old is None or m[0] > old[0]:
-                    self.peak[pid] = (m[0], max(m[1], old[1] if old else 0), m[2])
+                old = self.peak.get(pid, (0, 0, 0, m[3]))
+                self.peak[pid] = (max(m[0], old[0]), max(m[1], old[1]), max(m[2], old[2]), m[3])
             time.sleep(self.every)
 
-    def roles(self) -> dict[str, tuple[int, int, str]]:
-        out: dict[str, tuple[int, int, str]] = {}
-        for pid, (rss, private, name) in self.peak.items():
+    def roles(self) -> dict[str, tuple[int, int, int, str]]:
+        """Per role, the process of the highest peak RSS; for workers also ``worker_private``, the one of the
+        highest private peak (not always the same process)."""
+        out: dict[str, tuple[int, int, int, str]] = {}
+        for pid, peak in self.peak.items():
+            name = peak[3]
             role = "driver" if pid == self.pid else ("worker" if name.startswith("ray::") else
                                                       "daemon" if any(d in name for d in DAEMONS) else "other")
-            if role not in out or rss > out[role][0]:
-                out[role] = (rss, private, name)
+            if role not in out or peak[0] > out[role][0]:
+                out[role] = peak
+            if role == "worker" and ("worker_private" not in out or peak[1] > out["worker_private"][1]):
+                out["worker_private"] = peak
         return out
 
 
@@ -113,7 +119,12 @@ def run_stage(args: list[str], log_path: str) -> dict:
 
 
 def gb(x: tuple | None) -> str:
-    return "-" if x is None else f"{x[0] / 2**30:.2f} ({x[1] / 2**30:.2f})"
+    """RSS (private / object store) in GB."""
+    return "-" if x is None else f"{x[0] / 2**30:.2f} ({x[1] / 2**30:.2f} / {x[2] / 2**30:.2f})"
+
+
+def who(x: tuple | None) -> str:
+    return x[3].removeprefix("ray::") if x else "-"
 
 
 def main() -> None:
@@ -149,7 +160,8 @@ def main() -> None:
             r = run_stage(cmd + overrides, os.path.join(args.root, f"{stage}-{n}.log"))
             rows.append((n, stage, r))
             print(f"scale: {n:,} {stage}: {r['seconds']:.0f} s, driver {gb(r.get('driver'))} GB, "
-                  f"largest worker {gb(r.get('worker'))} GB ({r.get('worker', (0, 0, '-'))[2]})", flush=True)
+                  f"largest worker {gb(r.get('worker'))} GB ({who(r.get('worker'))}), largest private "
+                  f"{gb(r.get('worker_private'))} GB ({who(r.get('worker_private'))})", flush=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     for n in [int(x) for x in args.embed.split(",") if x]:
@@ -168,13 +180,15 @@ def main() -> None:
     print(f"machine: {cpu()}; load average {os.getloadavg()[0]:.1f}; {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(f"command: python benchmarks/scale.py {' '.join(sys.argv[1:])}")
     print()
-    print("| products | stage | wall s | s per 100k | driver peak RSS GB (private) | largest worker GB (private) | "
-          "that worker | Ray daemons GB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("GB: peak RSS (private / object store); private = RssAnon, object store = RssShmem (Ray's shared memory).")
+    print()
+    print("| products | stage | wall s | s per 100k | driver | largest worker | that worker | "
+          "largest private worker | that worker | Ray daemons |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n, stage, r in rows:
-        worker = r.get("worker")
         print(f"| {n:,} | {stage} | {r['seconds']:.0f} | {r['seconds'] / n * 1e5:.1f} | {gb(r.get('driver'))} | "
-              f"{gb(worker)} | {worker[2] if worker else '-'} | {gb(r.get('daemon'))} |")
+              f"{gb(r.get('worker'))} | {who(r.get('worker'))} | {gb(r.get('worker_private'))} | "
+              f"{who(r.get('worker_private'))} | {gb(r.get('daemon'))} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Model checkpoints in safe formats, in a local folder or under an object-storage prefix (clipita.storage).
 
-    DIR/model.safetensors   the ClipIta state dict (heads + logit_scale)
+    DIR/model.safetensors   the ClipIta state dict (heads + logit_scale, + residual_scale for residual heads)
     DIR/optimizer.pt        optional optimizer state: torch.save, read back with torch.load(weights_only=True)
     DIR/config.json         {"head": HeadConfig fields, "metadata": {...caller's: epoch, step, metrics...}}
 
@@ -39,8 +39,10 @@ def save_checkpoint(uri: str, model: nn.Module, optimizer: torch.optim.Optimizer
         buf = io.BytesIO()
         torch.save(optimizer.state_dict(), buf)
         storage.write_bytes(storage.join(uri, OPTIMIZER), buf.getvalue())
-    storage.write_json(storage.join(uri, CONFIG),
-                       {"head": dataclasses.asdict(model.config), "metadata": metadata or {}})
+    head = dataclasses.asdict(model.config)
+    if not head["residual"]:  # plain heads: config.json exactly as before residual heads existed
+        del head["residual"]
+    storage.write_json(storage.join(uri, CONFIG), {"head": head, "metadata": metadata or {}})
 
 
 def _read(uri: str, name: str) -> bytes:

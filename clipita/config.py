@@ -30,21 +30,43 @@ def _check_range(name: str, value: float, lo: float | None = None, hi: float | N
 
 @dataclass(frozen=True)
 class DataConfig:
-    """How a catalogue becomes labelled train/val/test products (PAPER.md protocol)."""
+    """How a catalogue becomes labelled train/val/test products (PAPER.md protocol, clipita/tree.py).
 
-    seed: int = 0  # seeds the split and the random node of the "all" setting
-    val_fraction: float = 0.1  # share of products in the validation split
-    test_fraction: float = 0.1  # share of products in the test split
-    unseen_fraction: float = 0.0  # categories held out of training whole, per depth (0: the paper's random split)
+    Held-out ("unseen") categories: ``unseen_fraction`` is the share of *products* whose category is held out of
+    training whole (chosen per category from the tree's product counts, spread over the depths, whole subtrees):
+    those products all go to the test split, so every setting has categories never seen in training.
+    ``unseen_val_fraction`` holds out a second, disjoint set of categories whose products go to the validation
+    split instead: model selection (train.recipe=residual) measures generalisation to unseen categories on them
+    without touching the test split. Its default, -1, means half of ``unseen_fraction`` (0.05 for 0.1): enough
+    categories to measure, at half the training data the test hold-out costs. Both 0 = the paper's random split.
+    """
+
+    seed: int = 0  # seeds the split, the held-out categories and the random node of the "all" setting
+    val_fraction: float = 0.1  # share of the other products in the validation split (random, by product id)
+    test_fraction: float = 0.1  # share of the other products in the test split (random, by product id)
+    unseen_fraction: float = 0.0  # share of products under categories held out for the test split (0: the paper)
+    unseen_val_fraction: float = -1.0  # share of products under categories held out for validation; -1: half of
+    #                                    unseen_fraction
     query_text: str = "name"  # "name" (the paper: last path element) or "path" ("Women > Shoes > Boots")
+    stream_mb: int = 512  # object-store memory a stage's product stream may fill per node (0: Ray Data's default)
 
     def __post_init__(self) -> None:
         _check_range("data.val_fraction", self.val_fraction, 0.0, 0.9)
+        _check_range("data.stream_mb", self.stream_mb, 0, 10**7)
         _check_range("data.test_fraction", self.test_fraction, 0.0, 0.9)
         _check_range("data.unseen_fraction", self.unseen_fraction, 0.0, 0.5)
+        if self.unseen_val_fraction != -1.0:
+            _check_range("data.unseen_val_fraction (-1: half of unseen_fraction)", self.unseen_val_fraction, 0.0, 0.5)
+        if self.unseen_fraction + self.val_holdout_fraction > 0.75:
+            raise ConfigError("data.unseen_fraction + data.unseen_val_fraction must be at most 0.75")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ConfigError("data.val_fraction + data.test_fraction must be below 1")
         _check_choice("data.query_text", self.query_text, ("name", "path"))
+
+    @property
+    def val_holdout_fraction(self) -> float:
+        """``unseen_val_fraction`` with its default (-1) resolved."""
+        return self.unseen_fraction / 2 if self.unseen_val_fraction == -1.0 else self.unseen_val_fraction
 
 
 @dataclass(frozen=True)
@@ -93,21 +115,45 @@ class EmbedConfig:
         _check_choice("embed.dtype", self.dtype, ("float16", "float32"))
 
 
+SELECTIONS = ("loss", "retrieval")  # train.select: what best/ is chosen on (validation split only)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """jobs.train: contrastive training of the heads (PAPER.md defaults), with Ray Train."""
+    """jobs.train: contrastive training of the heads, with Ray Train. ``recipe`` picks the method (``RECIPES``):
+    ``residual`` (default) or ``paper`` (PAPER.md, exactly as before the residual recipe existed). The recipe picks
+    the heads (plain, or residual around the zero-shot text vectors); ``tau``, ``learnable_tau``, ``label_mask``
+    and ``select`` default (None) to the recipe's values; set them to override, one ingredient at a time (the
+    ablation of benchmarks/recipes.py). ``alphas`` only concerns residual heads; ``alphas=1.0`` keeps the model as
+    trained (no WiSE-FT search)."""
 
+    RECIPES = {  # not a field (no annotation): the recipes' defaults
+        # The paper's: plain MLP heads into an output_dim space, τ fixed at 1, same-category rows are negatives,
+        # best/ = the epoch of the lowest validation loss.
+        "paper": {"tau": 1.0, "learnable_tau": False, "label_mask": False, "select": "loss"},
+        # Keeps the frozen text encoder's zero-shot knowledge (issue 12): residual heads around the text vectors
+        # (clipita/model.py; CLIP-I, with no text input, keeps the plain head), CLIP's learnt τ from 0.07, e-CLIP's
+        # label mask, best/ = the epoch of the best validation retrieval (harmonic mean of the R-precision of seen
+        # and held-out validation categories), then the residual scale α picked from ``alphas`` on it (WiSE-FT).
+        "residual": {"tau": 0.07, "learnable_tau": True, "label_mask": True, "select": "retrieval"},
+    }
+
+    recipe: str = "residual"  # residual (keeps zero-shot knowledge, issue 12) | paper (PAPER.md's recipe)
     epochs: int = 30  # the paper trains 30 epochs
     batch_size: int = 0  # per worker; 0 = the paper's: 8 for the general setting, 128 otherwise
     lr: float = 1e-4  # AdamW learning rate (not in the paper)
     weight_decay: float = 0.01  # AdamW decay on weight matrices only
     lam: float = 0.5  # λ: weight of the product->category direction of the loss
-    tau: float = 1.0  # τ: the paper fixes 1 (a flat softmax); CLIP learns it from 0.07
-    learnable_tau: bool = False  # learn τ as CLIP does
-    label_mask: bool = False  # e-CLIP: same-category rows in a batch are not negatives
+    tau: float | None = None  # τ (initial when learnt); None: the recipe's (paper: 1, a flat softmax; residual: 0.07)
+    learnable_tau: bool | None = None  # learn τ as CLIP does; None: the recipe's (paper: no; residual: yes)
+    label_mask: bool | None = None  # e-CLIP: same-category rows in a batch are not negatives; None: the recipe's
+    select: str | None = None  # best/ = epoch of the lowest val "loss" or best val "retrieval" (R-prec HM of seen
+    #                            and unseen validation categories); None: the recipe's (paper: loss; residual:
+    #                            retrieval). The α search always scores the validation retrieval.
     hidden_dim: int = 1024  # width of both hidden layers of each head
-    output_dim: int = 512  # width of the joint space
+    output_dim: int = 512  # width of the joint space of plain heads (residual heads output the text width)
     dropout: float = 0.0
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # residual recipe: residual scales tried after training
     workers: int = 1  # Ray Train workers (data parallel; the loss sees the gathered global batch); 0 = in-process
     use_gpu: bool = False  # one GPU per worker, bf16 autocast
     cpus_per_worker: float = 1.0  # CPUs a CPU worker reserves; also its torch thread count
@@ -119,6 +165,14 @@ class TrainConfig:
     seed: int = 0  # model init and per-epoch shuffling
 
     def __post_init__(self) -> None:
+        _check_choice("train.recipe", self.recipe, tuple(self.RECIPES))
+        # Resolve the recipe's defaults here, so every reader sees plain values (and asdict round-trips). The
+        # three fields are Optional, which the generic loader passes through unchecked: convert them here.
+        for name, tp in (("tau", float), ("learnable_tau", bool), ("label_mask", bool), ("select", str)):
+            value = getattr(self, name)
+            value = self.RECIPES[self.recipe][name] if value is None else _coerce(f"train.{name}", tp, value)
+            object.__setattr__(self, name, value)
+        _check_choice("train.select", self.select, SELECTIONS)
         for name in ("epochs", "hidden_dim", "output_dim", "checkpoint_every", "shuffle_rows", "val_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
@@ -132,6 +186,11 @@ class TrainConfig:
         _check_range("train.max_failures", self.max_failures, 0, 1000)
         _check_range("train.cpus_per_worker", self.cpus_per_worker, 0.1, 1024)
         _check_range("train.cache_mb", self.cache_mb, 0, 10**7)
+        object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
+        if not self.alphas:
+            raise ConfigError("train.alphas must name at least one residual scale")
+        for a in self.alphas:
+            _check_range("train.alphas", a, 0.0, 10.0)
 
     def batch_for(self, setting: str) -> int:
         return self.batch_size or (8 if setting == "general" else 128)

@@ -93,13 +93,21 @@ def vector_width(workdir: str, column: str) -> int:
     return pq.read_schema(path, filesystem=fs).field(column).type.list_size
 
 
-def products_dataset(workdir: str, columns: list[str] | None = None):
+def products_dataset(workdir: str, columns: list[str] | None = None, stream_mb: int = 0):
     """The products as a Ray dataset (blocks stream; nothing is gathered on the driver). Blocks of at most
-    BLOCK_BYTES: a task or actor holds a few of them, so its memory does not depend on how the files were cut."""
+    BLOCK_BYTES: a task or actor holds a few of them, so its memory does not depend on how the files were cut.
+    ``stream_mb`` (data.stream_mb) caps the object-store memory the stream fills per node: a worker maps every
+    object-store page a block passed through, so without a cap its RSS grows with the catalogue up to the size
+    of the object store."""
+    import ray
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = min(ctx.target_max_block_size or BLOCK_BYTES, BLOCK_BYTES)
+    if stream_mb:
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+            object_store_memory=stream_mb * 2**20 * max(1, nodes))
     files = product_files(workdir)
     fs, _ = storage.arrow_filesystem(files[0])
     paths = [storage.filesystem(f)[1] for f in files]
@@ -146,13 +154,13 @@ def load_tree(workdir: str) -> CategoryTree:
 def labeler_for(workdir: str, data: DataConfig, tree: CategoryTree | None = None) -> Labeler:
     """The workdir's split and labels as a function of (id, path): the held-out categories come from the tree."""
     return Labeler.build(tree or load_tree(workdir), data.seed, data.val_fraction, data.test_fraction,
-                         data.unseen_fraction)
+                         data.unseen_fraction, unseen_val_fraction=data.val_holdout_fraction)
 
 
 def labels_for(products: Products, data: DataConfig) -> Labels:
     """Labels of products held in memory (small catalogues and tests)."""
     return assign_labels(products.ids, products.paths, data.seed, data.val_fraction, data.test_fraction,
-                         data.unseen_fraction)
+                         data.unseen_fraction, unseen_val_fraction=data.val_holdout_fraction)
 
 
 @dataclass

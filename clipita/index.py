@@ -386,7 +386,7 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
     if fs.exists(path):  # a rebuild replaces everything: shards of an older run would not match the new rows
         fs.rm(path, recursive=True)
 
-    ds = products_dataset(workdir).map_batches(
+    ds = products_dataset(workdir, stream_mb=cfg.data.stream_mb).map_batches(
         ProductVectors, fn_constructor_args=(workdir, groups, labeler), batch_format="pyarrow",
         batch_size=ic.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ic.vector_actors),
         num_cpus=0.5, num_gpus=ic.gpus_per_actor or None, udf_modifying_row_count=False)

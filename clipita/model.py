@@ -9,6 +9,17 @@ The product head reads [image] (CLIP-I), [image, attributes] (CLIP-IA) or [image
 the category tower is the same in all three (PAPER.md "Model"). The encoders run once, in jobs.embed, so the
 model here holds only the heads and the temperature: everything in it trains.
 
+Residual heads (``HeadConfig.residual``, train.recipe=residual; issue 12): plain heads forget what the frozen text
+encoder knew about categories they never saw. A residual head adds its MLP to a zero-shot text vector instead:
+
+    c = normalize(category + s · MLP_c(category))
+    p = normalize(x_zs     + s · MLP_p(concat fields))    x_zs = title (CLIP-ITA) or attributes (CLIP-IA)
+
+so the joint space is the text encoder's own (output width = text_dim). The MLPs' last Linear starts at zero,
+so an untrained model *is* the zero-shot text ranker (mpnet, for CLIP-ITA), and ``residual_scale`` s (a buffer,
+saved with the weights) interpolates between it (s = 0) and the trained model (s = 1), as WiSE-FT interpolates
+weights. CLIP-I has no text input to pass through: it keeps the plain head.
+
 A batch is a dict of float32 tensors ``image`` (B, Di), ``title`` (B, Dt), ``attributes`` (B, Dt),
 ``category`` (B, Dt) and int64 ``label`` (B,) (equal labels = same category; used by the loss's label mask).
 
@@ -37,6 +48,7 @@ from clipita.config import ConfigError
 
 VARIANTS = ("i", "ia", "ita")
 PRODUCT_FIELDS = {"i": ("image",), "ia": ("image", "attributes"), "ita": ("image", "title", "attributes")}
+ZERO_SHOT_FIELD = {"ia": "attributes", "ita": "title"}  # the text vector a residual product head adds to
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's cap: τ never below 0.01, so logits stay in a trainable range
 
 
@@ -52,10 +64,16 @@ class HeadConfig:
     dropout: float = 0.0  # after each hidden GELU; the paper does not mention dropout
     tau: float = 1.0  # initial softmax temperature; the paper fixes τ = 1, CLIP learns it from 0.07
     learnable_tau: bool = False  # train logit_scale = log(1/τ) (CLIP) instead of keeping it fixed (the paper)
+    residual: bool = False  # residual heads around the zero-shot text vectors (module doc); output_dim = text_dim
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError(f"head.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.residual and self.variant not in ZERO_SHOT_FIELD:
+            raise ConfigError(f"head.residual needs a text input to pass through: variant {self.variant!r} has none")
+        if self.residual and self.output_dim != self.text_dim:
+            raise ConfigError(f"head.output_dim must equal head.text_dim ({self.text_dim}) for residual heads, "
+                              f"got {self.output_dim!r}")
         for name in ("image_dim", "text_dim", "hidden_dim", "output_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -112,16 +130,38 @@ class ClipIta(nn.Module):
         # A parameter even when fixed, so checkpoints and the loss treat both cases alike.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.tau)),
                                         requires_grad=config.learnable_tau)
+        if config.residual:
+            # After the default init (so the hidden layers draw the same numbers as a plain head's), zero the last
+            # Linear: the residual starts at 0 and the untrained model is the zero-shot one. A plain model has no
+            # such buffer: its state dict (and checkpoints) stay as they were.
+            for head in (self.category_head, self.product_head):
+                nn.init.zeros_(head.net[-1].weight)
+                nn.init.zeros_(head.net[-1].bias)
+            self.register_buffer("residual_scale", torch.tensor(1.0))
+
+    def _residual(self, base: torch.Tensor, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """normalize(base + s·head(x)) for residual heads, normalize(head(x)) for plain ones. In float32: under
+        bf16 autocast the norm of a 512-wide vector loses ~3 digits, and the zero-shot base would lose more."""
+        out = head(x).float()
+        if self.config.residual:
+            out = base.float() + self.residual_scale * out
+        return F.normalize(out, dim=-1)
 
     def encode_products(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         dims = {"image": self.config.image_dim, "title": self.config.text_dim, "attributes": self.config.text_dim}
         x = torch.cat([_features(batch, f, dims[f]) for f in PRODUCT_FIELDS[self.config.variant]], dim=1)
-        # Normalise in float32: under bf16 autocast the norm of a 512-wide vector loses ~3 digits.
-        return F.normalize(self.product_head(x).float(), dim=-1)
+        base = batch[ZERO_SHOT_FIELD[self.config.variant]] if self.config.residual else None
+        return self._residual(base, self.product_head, x)
 
     def encode_categories(self, category: torch.Tensor) -> torch.Tensor:
         x = _features({"category": category}, "category", self.config.text_dim)
-        return F.normalize(self.category_head(x).float(), dim=-1)
+        return self._residual(x, self.category_head, x)
+
+    def set_residual_scale(self, alpha: float) -> None:
+        """s of a residual model: 0 = the zero-shot text model, 1 = as trained (WiSE-FT's α)."""
+        if not self.config.residual:
+            raise ValueError("set_residual_scale: this model has plain heads")
+        self.residual_scale.fill_(float(alpha))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(products p, categories c) of one batch, row j of each forming the positive pair j."""

@@ -2,9 +2,20 @@
 
 Runs are named ``<variant>-<setting>`` and stored under ``<workdir>/checkpoints/<name>/``: ``last/`` (model,
 optimizer and history, every ``train.checkpoint_every`` epochs and at the end: what a restart or a re-run resumes
-from), ``best/`` (the model of the lowest validation loss, safetensors + config.json), ``curve.json`` /
-``curve.png`` (train and val loss per epoch) and ``stats.json``. A run whose curve holds every epoch is not
-trained again.
+from), ``best/`` (the selected model, safetensors + config.json), ``curve.json`` / ``curve.png`` (train and val
+loss and validation R-precision per epoch) and ``stats.json``. A run whose curve holds every epoch (and, for
+residual heads, whose best/ has its α) is not trained again.
+
+Model selection (``train.select``, default from ``train.recipe``: clipita/config.py RECIPES). Each epoch worker 0
+ranks the validation sample's products for every category that labels one of them, and reports the R-precision
+of *seen* categories (some train product carries them) and of *unseen* ones (the held-out validation categories,
+data.unseen_val_fraction, plus any other the train split lacks). ``loss`` (the paper's): best/ = the epoch of the
+lowest validation loss, as in PAPER.md. ``retrieval`` (residual's): best/ = the epoch of the highest harmonic mean
+of the two (the base-to-new convention; the mean of the one that exists when the other has no query; the loss
+when neither). Then, for residual heads, after the last epoch the residual scale α of best/ is chosen from
+``train.alphas`` on that harmonic mean (WiSE-FT; α = 0 is the zero-shot model; ``alphas=1.0`` keeps the model as
+trained) and saved in best/ (its metadata records every α's score). Only the validation split is ever read: the
+test split (and its held-out categories) never informs a choice.
 
 One worker group trains every requested run at once (``train_runs``): the group starts once, and each epoch
 reads the features once for all runs (every run sees the same products; each takes its own labels and its own
@@ -49,9 +60,23 @@ def best_checkpoint(workdir: str, variant: str, setting: str) -> str:
 
 def finished(workdir: str, variant: str, setting: str, epochs: int) -> bool:
     rd = run_dir(workdir, variant, setting)
-    curve = storage.join(rd, "curve.json")
-    return storage.exists(curve) and len(storage.read_json(curve)) >= epochs and \
-        storage.exists(storage.join(rd, "best", "config.json"))
+    curve, best = storage.join(rd, "curve.json"), storage.join(rd, "best", "config.json")
+    if not (storage.exists(curve) and len(storage.read_json(curve)) >= epochs and storage.exists(best)):
+        return False
+    saved = storage.read_json(best)  # residual heads are done once their α is chosen (after the last epoch)
+    return not saved["head"].get("residual") or "alpha" in saved.get("metadata", {})
+
+
+def head_config(tc: TrainConfig, variant: str, image_dim: int, text_dim: int):
+    """The heads of one run. recipe=paper: plain heads exactly as PAPER.md (and this project before issue 12);
+    recipe=residual: residual heads in the text space (output_dim = text_dim), except CLIP-I, which has no text
+    input to pass through and keeps a plain head (with the recipe's learnt τ, label mask and selection)."""
+    from clipita.model import ZERO_SHOT_FIELD, HeadConfig
+
+    residual = tc.recipe == "residual" and variant in ZERO_SHOT_FIELD
+    return HeadConfig(variant=variant, image_dim=image_dim, text_dim=text_dim, hidden_dim=tc.hidden_dim,
+                      output_dim=text_dim if residual else tc.output_dim, dropout=tc.dropout, tau=tc.tau,
+                      learnable_tau=tc.learnable_tau, residual=residual)
 
 
 @dataclasses.dataclass
@@ -107,6 +132,59 @@ def _slices(rows: dict[str, np.ndarray], size: int, drop_last: bool = True):
         yield {k: v[s:s + size] for k, v in rows.items()}
 
 
+def harmonic_mean(seen: float, unseen: float) -> float:
+    """Of the seen and unseen R-precision; the one that exists when the other is NaN (no such query); NaN if none."""
+    if np.isnan(seen) or np.isnan(unseen):
+        return unseen if np.isnan(seen) else seen
+    return 0.0 if seen + unseen == 0 else 2 * seen * unseen / (seen + unseen)
+
+
+def val_retrieval(model, val: dict[str, np.ndarray], setting: str, categories, seen: np.ndarray,
+                  batch_size: int = 1024) -> dict[str, float]:
+    """R-precision (%) of ranking the validation sample's products (exactly, dense) for each category labelling
+    one of them in ``setting``, over seen (``seen[category]``: some train product carries it) and unseen queries,
+    and their harmonic mean ``hm``. ``model`` is a ClipIta (not DDP-wrapped); its train/eval mode is kept."""
+    import torch
+
+    from clipita.metrics import count_relevant, hits_from_ranking, per_query_metrics, rank_scores
+
+    labels = val[f"label_{setting}"]
+    queries = np.unique(labels)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        p = np.concatenate([model.encode_products({k: torch.from_numpy(np.ascontiguousarray(
+            val[k][s:s + batch_size], np.float32)).to(device) for k in INPUTS}).cpu().numpy()
+            for s in range(0, len(labels), batch_size)])
+        c = model.encode_categories(categories[torch.from_numpy(queries)].to(device)).cpu().numpy()
+    model.train(was_training)
+    n_rel = count_relevant(labels, queries)  # >= 1: every query labels some validation product
+    rprec = np.empty(len(queries))
+    for s in range(0, len(queries), batch_size):  # bounds the dense (queries x products) score matrix
+        q = slice(s, s + batch_size)
+        hits = hits_from_ranking(rank_scores(c[q] @ p.T, int(n_rel[q].max())), labels, queries[q])
+        rprec[q] = per_query_metrics(hits, n_rel[q], (), ())["R-prec"]
+    out = {}
+    for name, mask in (("seen", seen[queries]), ("unseen", ~seen[queries])):
+        out[name] = float(rprec[mask].mean()) if mask.any() else float("nan")
+    out["hm"] = harmonic_mean(out["seen"], out["unseen"])
+    return out
+
+
+def choose_alpha(model, alphas, score) -> tuple[float, dict[str, float]]:
+    """WiSE-FT for residual heads: the residual scale of ``alphas`` with the best ``score(model)`` (ties: the
+    smaller, closer to zero-shot); 1.0 (as trained) when no α has a score. Leaves the model at that scale."""
+    scores = {}
+    for a in sorted(alphas):
+        model.set_residual_scale(a)
+        scores[a] = float(score(model))
+    finite = {a: v for a, v in scores.items() if not np.isnan(v)}
+    alpha = max(finite, key=lambda a: (finite[a], -a)) if finite else 1.0
+    model.set_residual_scale(alpha)
+    return alpha, {str(a): v for a, v in scores.items()}
+
+
 def train_loop(config: dict) -> dict:
     """Runs in every Ray Train worker: every run of ``config["runs"]``, epoch by epoch."""
     import ray.train
@@ -119,6 +197,7 @@ def train_loop(config: dict) -> dict:
     from clipita.model import ClipIta, HeadConfig, evaluate_loss, make_optimizer, train_step, unwrap
 
     tc = TrainConfig(**config["train"])
+    seen = config["seen"]  # setting -> (C,) bool: categories some train product is labelled with
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = tc.use_gpu and torch.cuda.is_available()
@@ -172,17 +251,24 @@ def train_loop(config: dict) -> dict:
                 dist.all_reduce(train_loss)
                 train_loss /= world
             inner = unwrap(r.model)
-            val_loss = float("nan")
+            val_loss, rp = float("nan"), {"seen": float("nan"), "unseen": float("nan"), "hm": float("nan")}
             if rank == 0 and val and len(val["label_general"]) >= 2:
                 size = min(r.batch * world, len(val["label_general"]))
                 val_loss = evaluate_loss(inner, val_loss_fn, (_tensors(p, r.setting, categories)
                                                               for p in _slices(val, size, drop_last=False)))
-            selection = val_loss if not np.isnan(val_loss) else train_loss.item()
+                rp = val_retrieval(inner, val, r.setting, categories, seen[r.setting])
+            # what best/ minimises (train.select): the validation loss (paper), or minus the validation R-precision's
+            # harmonic mean (retrieval; residual's default)
+            if tc.select == "retrieval" and not np.isnan(rp["hm"]):
+                selection = -rp["hm"]
+            else:
+                selection = val_loss if not np.isnan(val_loss) else train_loss.item()
             samples = len(r.losses) * r.batch * world
             r.history.append({"epoch": epoch + 1, "train_loss": train_loss.item(), "val_loss": val_loss,
-                              "seconds": round(r.seconds, 3),
+                              "val_rprec_seen": rp["seen"], "val_rprec_unseen": rp["unseen"],
+                              "val_rprec_hm": rp["hm"], "seconds": round(r.seconds, 3),
                               "samples_per_s": round(samples / r.seconds, 1) if r.seconds else None,
-                              "tau": float(1 / inner.logit_scale.exp()),
+                              "tau": (1 / inner.logit_scale.detach().exp()).item(),
                               "attempt_start_epoch": r.start})  # where this (possibly restarted) group began
             improved = selection < r.best
             r.best = min(r.best, selection)
@@ -193,11 +279,27 @@ def train_loop(config: dict) -> dict:
                 if (epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs:
                     save_checkpoint(storage.join(r.run_dir, "last"), inner, r.optimizer, meta)
                 storage.write_json(storage.join(r.run_dir, "curve.json"), r.history)
-            line.append(f"{r.name} {train_loss.item():.3f}/{val_loss:.3f}")
+            line.append(f"{r.name} {train_loss.item():.3f}/{val_loss:.3f} "
+                        f"{rp['seen']:.1f}/{rp['unseen']:.1f}/{rp['hm']:.1f}")
         if rank == 0:
             print(f"train: epoch {epoch + 1}/{tc.epochs} {time.time() - t_epoch:.1f} s, {steps} steps; "
-                  f"train/val loss {' '.join(line)}", flush=True)
+                  f"train/val loss, val R-prec seen/unseen/HM: {', '.join(line)}", flush=True)
         ray.train.report({"epoch": epoch + 1})
+    if rank == 0:  # after the loop, so a group restarted after the last epoch still does it (finished() checks)
+        for r in runs:
+            best = storage.join(r.run_dir, "best")
+            if not (unwrap(r.model).config.residual and storage.exists(storage.join(best, "config.json"))):
+                continue
+            meta = load_metadata(best)
+            if "alpha" in meta:
+                continue
+            model = load_model(best).to(next(unwrap(r.model).parameters()).device)
+            has_val = bool(val) and len(val["label_general"]) >= 2
+            alpha, scores = choose_alpha(model, tc.alphas, lambda m: val_retrieval(
+                m, val, r.setting, categories, seen[r.setting])["hm"] if has_val else float("nan"))
+            save_checkpoint(best, model, None, dict(meta, alpha=alpha, alpha_val_rprec_hm=scores))
+            print(f"train: {r.name}: residual scale α = {alpha} (val R-prec HM by α: "
+                  f"{', '.join(f'{a}: {v:.1f}' for a, v in scores.items())})", flush=True)
     return {r.name: {"history": r.history, "best": r.best} for r in runs}
 
 
@@ -243,13 +345,12 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
                          f"worker x {tc.workers}; lower train.batch_size or add products")
     text = categories.text[cfg.data.query_text]
     node_index = {c: i for i, c in enumerate(categories.ids)}
+    # per category (never per product): which ones the train split labels, for the seen/unseen validation R-prec
+    seen = {s: np.isin(categories.ids, list(counts.labels.get((s, "train"), {}))) for _, s in todo}
     dims = {k: vector_width(workdir, COLUMNS[k]) for k in ("image", "title")}
     specs = []
-    from clipita.model import HeadConfig
-
     for variant, setting in todo:
-        head = HeadConfig(variant=variant, image_dim=dims["image"], text_dim=dims["title"], hidden_dim=tc.hidden_dim,
-                          output_dim=tc.output_dim, dropout=tc.dropout, tau=tc.tau, learnable_tau=tc.learnable_tau)
+        head = head_config(tc, variant, dims["image"], dims["title"])
         specs.append({"name": run_name(variant, setting), "setting": setting, "batch": batches[setting],
                       "run_dir": run_dir(workdir, variant, setting), "head": dataclasses.asdict(head)})
     row_bytes = 4 * (dims["image"] + 2 * dims["title"]) + 8 * len(SETTINGS)
@@ -257,9 +358,9 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
     columns = ["product_id", "category_path", *COLUMNS.values()]
     rows_fn = dict(labeler=labeler, node_index=node_index)
     # batches of READ_ROWS: a task converts a few thousand rows to float32 at a time, whatever the files' size
-    train_ds = products_dataset(workdir, columns).map_batches(
+    train_ds = products_dataset(workdir, columns, cfg.data.stream_mb).map_batches(
         model_rows, fn_kwargs=dict(rows_fn, split="train"), batch_format="pyarrow", batch_size=READ_ROWS)
-    val_ds = products_dataset(workdir, columns).map_batches(
+    val_ds = products_dataset(workdir, columns, cfg.data.stream_mb).map_batches(
         model_rows, fn_kwargs=dict(rows_fn, split="val", keep_fraction=min(1.0, tc.val_rows / max(1, n_val))),
         batch_format="pyarrow", batch_size=READ_ROWS)
     log(f"train: {', '.join(s['name'] for s in specs)}: {n_train:,} train / {min(n_val, tc.val_rows):,} val "
@@ -269,7 +370,7 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": dataclasses.asdict(tc), "runs": specs, "loader_batch": loader_batch,
-                           "categories": np.ascontiguousarray(text, np.float32), "cache": cache,
+                           "categories": np.ascontiguousarray(text, np.float32), "cache": cache, "seen": seen,
                            "fail_at_epoch": fail_at_epoch, "fail_marker": fail_marker},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu,
                                                resources_per_worker=None if tc.use_gpu or not tc.workers else
@@ -286,8 +387,14 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
         history = storage.read_json(storage.join(rd, "curve.json"))
         write_curve_png(storage.join(rd, "curve.png"), history, spec["name"])
         rates = [h["samples_per_s"] for h in history if h["samples_per_s"]]
-        stats = {"stage": "train", "run": spec["name"], "epochs": len(history), "train_products": n_train,
-                 "batch_size": spec["batch"], "workers": tc.workers,
+        from clipita.checkpoint import load_metadata
+
+        best = load_metadata(storage.join(rd, "best"))
+        stats = {"stage": "train", "run": spec["name"], "recipe": tc.recipe, "epochs": len(history),
+                 "train_products": n_train, "batch_size": spec["batch"], "workers": tc.workers,
+                 "best_epoch": best.get("epoch"), "alpha": best.get("alpha"),
+                 "best_val_rprec_hm": next((h.get("val_rprec_hm") for h in history if h["epoch"] == best.get("epoch")),
+                                           None),
                  "best_val_loss": min(h["val_loss"] for h in history),
                  "final_train_loss": history[-1]["train_loss"], "seconds": round(time.time() - t0, 2),
                  "runs_in_group": len(specs), "samples_per_s": float(np.median(rates)) if rates else None}
@@ -314,7 +421,14 @@ def write_curve_png(uri: str, history: list[dict], title: str) -> None:
     ax.plot(epochs, [h["train_loss"] for h in history], label="train")
     ax.plot(epochs, [h["val_loss"] for h in history], label="val")
     ax.set(xlabel="epoch", ylabel="loss", title=title)
-    ax.legend()
+    ax.legend(loc="upper left")
+    if any("val_rprec_hm" in h for h in history):  # curves written before the retrieval metric have none
+        ax2 = ax.twinx()
+        for key, style in (("val_rprec_seen", ":"), ("val_rprec_unseen", "--"), ("val_rprec_hm", "-")):
+            ax2.plot(epochs, [h.get(key, float("nan")) for h in history], style, color="tab:green",
+                     label=key.replace("val_rprec_", "R-prec "))
+        ax2.set(ylabel="val R-prec (%)")
+        ax2.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

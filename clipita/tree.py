@@ -8,7 +8,10 @@ Decisions later stages rely on:
   ``all`` = one node of the path chosen by that hash; ``general`` = the root; ``specific`` = the deepest node.
 - Split: train / val / test by the hash's uniform value against (1 - val - test, 1 - test) cut points.
 - Unseen categories: test-split labels in a setting that no train-split product has in that setting. Optionally
-  (``data.unseen_fraction``) whole categories are held out of training, so that every setting has some.
+  (``data.unseen_fraction``) whole categories are held out of training, so that every setting has some: about
+  that share of the *products* sits under held-out nodes and goes to the test split (``holdout_nodes``). A second,
+  disjoint set (``data.unseen_val_fraction``) sends its products to the validation split instead, so model
+  selection can measure generalisation to unseen categories without looking at the test split.
 """
 from __future__ import annotations
 
@@ -79,20 +82,83 @@ class Labels:
 
 
 def holdout_nodes(tree: "CategoryTree", fraction: float, seed: int = 0) -> set[str]:
-    """Categories held out of training whole: at every depth, ``fraction`` of the nodes not already under a held
-    node (at least one where a depth has two or more), chosen by the seeded hash. Their products all go to the
-    test split, so every setting has unseen categories to measure (the product promise: categories never seen
-    in training). Needs only the tree (per-category state), never the products."""
-    if fraction <= 0:
-        return set()
-    held: set[str] = set()
-    for depth in range(1, max((n.depth for n in tree.nodes.values()), default=0) + 1):
-        free = [c for c, n in tree.nodes.items() if n.depth == depth and not (set(tree.ancestors(c)) & held)]
-        if len(free) < 2:
-            continue
-        free.sort(key=lambda c: unit_hash(seed, "holdout", c))
-        held.update(free[: max(1, round(fraction * len(free)))])
+    """Categories held out of training whole, about ``fraction`` of the products under them (``holdout_sets``)."""
+    return holdout_sets(tree, (fraction,), seed)[0]
+
+
+def holdout_sets(tree: "CategoryTree", fractions: Sequence[float], seed: int = 0) -> list[set[str]]:
+    """Disjoint sets of categories held out of training whole (the test set, then the validation set), so that
+    about ``fractions[k]`` of the products (those whose path passes through a node of set k) are under set k.
+    Needs only the tree's per-node product counts, never the products.
+
+    - Whole subtrees: no held node is under or above another held node (of any set), so the shares add up.
+    - Spread over depths, so every setting has unseen categories (general: a held root; specific: held leaves;
+      all: any): depth by depth from the roots, each set gets an equal part of its budget still unspent, and at
+      least one node of each depth with two or more free ones (the smallest of them when none fits: the only way
+      to get an unseen root on a tree of a few large roots, at the cost of overshooting, but never past twice the
+      set's fraction: a tree whose smallest root is larger has no unseen root in that set). The sets take turns
+      within a depth: choosing one set whole first would leave its deep nodes under every root of the next.
+      What the depths leave unspent is then filled with any free nodes that fit, so each realised share ends
+      close below its fraction.
+    - Chosen by a seeded hash of (seed, set, category): stable across runs, and each set orders nodes its own way.
+    """
+    held: list[set[str]] = [set() for _ in fractions]
+    if all(f <= 0 for f in fractions):
+        return held
+    weight = {c: n.products for c, n in tree.nodes.items()}
+    total = sum(weight[r] for r in tree.roots)
+    if total <= 0:
+        raise ValueError("the category tree has no product counts: cannot hold out a share of the products")
+    budget, used = [f * total for f in fractions], [0] * len(fractions)
+    any_held: set[str] = set()
+    blocked: set[str] = set()  # held nodes and their ancestors: holding one would nest held subtrees
+
+    def free(c: str) -> bool:
+        return weight[c] > 0 and c not in blocked and not any(a in any_held for a in tree.ancestors(c))
+
+    def hold(k: int, c: str) -> None:
+        held[k].add(c)
+        any_held.add(c)
+        blocked.update(tree.ancestors(c))
+        used[k] += weight[c]
+
+    def by_hash(k: int, cs):
+        purpose = "holdout" if k == 0 else f"holdout-{k}"
+        return sorted(cs, key=lambda c: unit_hash(seed, purpose, c))
+
+    by_depth: dict[int, list[str]] = {}
+    for c, n in tree.nodes.items():
+        by_depth.setdefault(n.depth, []).append(c)
+    depths = sorted(by_depth)
+    for i, depth in enumerate(depths):
+        for k in range(len(fractions)):
+            if budget[k] <= 0:
+                continue
+            target = (budget[k] - used[k]) / (len(depths) - i)  # an equal part of what is left, per depth to come
+            free_here = by_hash(k, (c for c in by_depth[depth] if free(c)))
+            if len(free_here) < 2:  # holding the only free node of a depth (a lone root) leaves nothing to train
+                continue
+            spent = 0
+            for c in free_here:  # nodes of one depth never contain each other: all stay free while we add
+                if spent + weight[c] <= target:
+                    hold(k, c)
+                    spent += weight[c]
+            if not spent:  # this depth should have an unseen category: the hash-first that fits the set's budget,
+                fits = [c for c in free_here if used[k] + weight[c] <= budget[k]]  # else the smallest, unless
+                pick = fits[0] if fits else min(free_here, key=lambda c: weight[c])  # that passes twice the budget
+                if used[k] + weight[pick] <= 2 * budget[k]:
+                    hold(k, pick)
+    for k in range(len(fractions)):  # spend what the depths left over, on any depth
+        for c in by_hash(k, tree.nodes):
+            if used[k] + weight[c] <= budget[k] and free(c):
+                hold(k, c)
     return held
+
+
+def held_share(tree: "CategoryTree", held: Iterable[str]) -> float:
+    """Share of the tree's products under ``held`` (disjoint subtrees, as ``holdout_sets`` returns)."""
+    total = sum(tree.nodes[r].products for r in tree.roots)
+    return sum(tree.nodes[c].products for c in held) / total if total else 0.0
 
 
 @dataclass(frozen=True)
@@ -104,15 +170,26 @@ class Labeler:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     held: frozenset = frozenset()  # categories held out of training whole (their products go to test)
+    held_val: frozenset = frozenset()  # another, disjoint set held out of training (their products go to val)
 
     @classmethod
     def build(cls, tree: "CategoryTree", seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1,
-              unseen_fraction: float = 0.0) -> "Labeler":
-        return cls(seed, val_fraction, test_fraction, frozenset(holdout_nodes(tree, unseen_fraction, seed)))
+              unseen_fraction: float = 0.0, *, unseen_val_fraction: float | None = None) -> "Labeler":
+        """``unseen_fraction`` / ``unseen_val_fraction``: shares of the products under categories held out for
+        the test / validation split; None = half of ``unseen_fraction`` (DataConfig's default)."""
+        if unseen_val_fraction is None or unseen_val_fraction < 0:
+            unseen_val_fraction = unseen_fraction / 2
+        held, held_val = holdout_sets(tree, (unseen_fraction, unseen_val_fraction), seed)
+        return cls(seed, val_fraction, test_fraction, frozenset(held), frozenset(held_val))
 
     def split(self, product_id: str, path: Sequence[str]) -> str:
-        if self.held and any(category_id(path[:d]) in self.held for d in range(1, len(path) + 1)):
-            return "test"
+        if self.held or self.held_val:
+            for d in range(1, len(path) + 1):
+                cid = category_id(path[:d])
+                if cid in self.held:
+                    return "test"
+                if cid in self.held_val:
+                    return "val"
         return split_of(product_id, self.seed, self.val_fraction, self.test_fraction)
 
     def label(self, product_id: str, path: Sequence[str], setting: str) -> str:
@@ -127,10 +204,12 @@ class Labeler:
 
 
 def assign_labels(product_ids: Sequence[str], paths: Sequence[Sequence[str]], seed: int = 0,
-                  val_fraction: float = 0.1, test_fraction: float = 0.1, unseen_fraction: float = 0.0) -> Labels:
+                  val_fraction: float = 0.1, test_fraction: float = 0.1, unseen_fraction: float = 0.0, *,
+                  unseen_val_fraction: float | None = None) -> Labels:
     """Labels of a whole product list in one process (small catalogues and tests; jobs use a Labeler per block)."""
     paths = list(paths)
-    return Labeler.build(CategoryTree(paths), seed, val_fraction, test_fraction, unseen_fraction)(product_ids, paths)
+    return Labeler.build(CategoryTree(paths), seed, val_fraction, test_fraction, unseen_fraction,
+                         unseen_val_fraction=unseen_val_fraction)(product_ids, paths)
 
 
 @dataclass

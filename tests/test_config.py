@@ -32,3 +32,39 @@ def test_bad_config_is_one_line(tmp_path, text, match):
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("/nonexistent/c.yaml")
+
+
+def test_train_recipes_and_their_defaults():
+    res, paper = load_config().train, load_config(None, {"train.recipe": "paper"}).train
+    assert res.recipe == "residual" and (res.tau, res.learnable_tau, res.label_mask) == (0.07, True, True)
+    assert (paper.tau, paper.learnable_tau, paper.label_mask) == (1.0, False, False)  # PAPER.md
+    # explicit values win over the recipe's, from YAML or the command line (strings)
+    over = load_config(None, {"train.recipe": "paper", "train.tau": "0.1", "train.label_mask": "true",
+                              "train.alphas": "0,0.5"}).train
+    assert (over.tau, over.learnable_tau, over.label_mask, over.alphas) == (0.1, False, True, (0.0, 0.5))
+    import dataclasses
+
+    from clipita.config import TrainConfig
+
+    assert TrainConfig(**dataclasses.asdict(over)) == over  # what train_loop rebuilds on the workers
+
+
+def test_unseen_val_fraction_defaults_to_half_of_unseen_fraction():
+    assert load_config(None, {"data.unseen_fraction": 0.1}).data.val_holdout_fraction == 0.05
+    off = load_config(None, {"data.unseen_fraction": 0.1, "data.unseen_val_fraction": 0})
+    assert off.data.val_holdout_fraction == 0
+    assert load_config().data.val_holdout_fraction == 0  # the paper: no held-out categories at all
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"train.recipe": "wise"}, "train.recipe must be one of paper, residual, got 'wise'"),
+    ({"train.tau": "abc"}, "train.tau must be a number"),
+    ({"train.learnable_tau": "maybe"}, "train.learnable_tau has the wrong type"),
+    ({"train.alphas": "0,-1"}, r"train.alphas must be in \[0.0, 10.0\]"),
+    ({"data.unseen_val_fraction": 0.7}, "data.unseen_val_fraction .* must be in"),
+    ({"data.unseen_fraction": 0.5, "data.unseen_val_fraction": 0.4}, "must be at most 0.75"),
+])
+def test_bad_recipe_and_holdout_values_are_one_line(overrides, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(None, overrides)
+    assert "\n" not in str(e.value)

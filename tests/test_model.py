@@ -217,3 +217,127 @@ def test_broken_checkpoints_fail_in_one_line(tmp_path):
         with pytest.raises(CheckpointError, match=msg) as e:
             call()
         assert "\n" not in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Residual heads (train.recipe=residual, issue 12) and the paper recipe's model.
+
+def residual(variant: str = "ita", **kw) -> HeadConfig:
+    return HeadConfig(variant=variant, image_dim=DI, text_dim=DT, hidden_dim=32, output_dim=DT, residual=True, **kw)
+
+
+def features(n: int, seed: int):
+    """Products (random frozen features) and category queries as the rankers take them."""
+    import numpy as np
+
+    from clipita.features import Products
+    from clipita.rankers import Queries
+
+    rng = np.random.default_rng(seed)
+    vec = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    products = Products(ids=np.array([f"p{i}" for i in range(n)], dtype=object), titles=np.array([""] * n),
+                        images=np.array([""] * n), paths=[["A"]] * n, image=vec(n, DI), title=vec(n, DT),
+                        attributes=vec(n, DT))
+    return products, Queries([f"q{i}" for i in range(7)], text=vec(7, DT))
+
+
+def test_an_untrained_residual_model_is_the_mpnet_zero_shot_ranker():
+    import numpy as np
+
+    from clipita.rankers import HeadRanker, MPNetRanker
+
+    products, queries = features(50, 0)
+    torch.manual_seed(0)
+    ranker, mpnet = HeadRanker(ClipIta(residual("ita"))), MPNetRanker()
+    np.testing.assert_allclose(ranker.scores(queries, products), mpnet.scores(queries, products), atol=1e-6)
+    assert np.array_equal(ranker.rank(queries, products, 50)[0], mpnet.rank(queries, products, 50)[0])
+    # CLIP-IA passes its attributes vector through (it has no title)
+    ia = ClipIta(residual("ia")).eval()
+    with torch.no_grad():
+        p = ia.encode_products({k: torch.from_numpy(v) for k, v in products.tensors().items()})
+    np.testing.assert_allclose(p.numpy(), products.attributes / np.linalg.norm(products.attributes, axis=1,
+                                                                                 keepdims=True), atol=1e-6)
+
+
+def test_residual_heads_train_and_alpha_zero_is_zero_shot_again(tmp_path):
+    import numpy as np
+
+    from clipita.rankers import HeadRanker, MPNetRanker
+
+    torch.manual_seed(0)
+    model = ClipIta(residual(learnable_tau=True, tau=0.07))
+    assert model.category_head.net[-1].weight.abs().sum() == 0  # the zero-initialised last Linear
+    assert "residual_scale" in model.state_dict() and "residual_scale" not in dict(model.named_parameters())
+    optimizer = make_optimizer(model, 1e-2, 0.01)
+    for s in range(3):
+        train_step(model, ContrastiveLoss(label_mask=True), optimizer, random_batch(seed=s))
+    products, queries = features(50, 1)
+    mpnet = MPNetRanker().scores(queries, products)
+    assert not np.allclose(HeadRanker(model).scores(queries, products), mpnet, atol=1e-3)  # it learnt something
+    model.set_residual_scale(0.5)
+    save_checkpoint(str(tmp_path / "best"), model, None, {"alpha": 0.5})
+    loaded = load_model(str(tmp_path / "best"))  # the scale travels with the weights
+    assert loaded.config.residual and loaded.residual_scale.item() == 0.5
+    batch = random_batch(seed=5)
+    model.eval()
+    assert all(torch.equal(a, b) for a, b in zip(model(batch), loaded(batch)))
+    loaded.set_residual_scale(0.0)  # WiSE-FT's α = 0: the zero-shot model
+    np.testing.assert_allclose(HeadRanker(loaded).scores(queries, products), mpnet, atol=1e-6)
+    with pytest.raises(ValueError, match="plain heads"):
+        ClipIta(small()).set_residual_scale(0.5)
+
+
+def test_residual_config_errors_are_one_line():
+    for kw, msg in [(dict(variant="i"), "head.residual needs a text input to pass through: variant 'i' has none"),
+                    (dict(output_dim=16), r"head.output_dim must equal head.text_dim \(10\) for residual heads")]:
+        with pytest.raises(ConfigError, match=msg) as e:
+            HeadConfig(**{**dict(image_dim=DI, text_dim=DT, output_dim=DT, residual=True), **kw})
+        assert "\n" not in str(e.value)
+
+
+class _TodaysHead(torch.nn.Module):
+    """A frozen copy of the plain MLPHead as it was before the residual recipe (the reference for recipe=paper)."""
+
+    def __init__(self, in_dim, hidden, out, dropout=0.0):
+        super().__init__()
+        nn = torch.nn
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, out))
+
+
+class _TodaysModel(torch.nn.Module):
+    def __init__(self, c: HeadConfig):
+        super().__init__()
+        self.category_head = _TodaysHead(c.text_dim, c.hidden_dim, c.output_dim, c.dropout)
+        self.product_head = _TodaysHead(c.product_dim, c.hidden_dim, c.output_dim, c.dropout)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / c.tau)), requires_grad=c.learnable_tau)
+
+
+@pytest.mark.parametrize("variant", ["i", "ia", "ita"])
+def test_recipe_paper_builds_todays_model(variant, tmp_path):
+    from clipita.config import load_config
+    from clipita.training import head_config
+
+    tc = load_config(None, {"train.recipe": "paper", "train.hidden_dim": 32, "train.output_dim": 16}).train
+    head = head_config(tc, variant, DI, DT)
+    assert head == HeadConfig(variant=variant, image_dim=DI, text_dim=DT, hidden_dim=32, output_dim=16, tau=1.0)
+    torch.manual_seed(3)
+    model = ClipIta(head)
+    torch.manual_seed(3)
+    want = _TodaysModel(head).state_dict()
+    got = model.state_dict()
+    assert list(got) == list(want)  # same names, same order
+    assert all(torch.equal(got[k], want[k]) for k in want)  # same shapes, same init under the same seed
+    assert not model.logit_scale.requires_grad and model.logit_scale.item() == 0.0  # τ = 1, fixed
+    save_checkpoint(str(tmp_path / "c"), model)  # and the checkpoint's config.json is as it was
+    assert set(storage.read_json(str(tmp_path / "c" / "config.json"))["head"]) == {
+        "variant", "image_dim", "text_dim", "hidden_dim", "output_dim", "dropout", "tau", "learnable_tau"}
+    # the residual recipe: residual heads in the text space for ia/ita (same hidden init), plain CLIP-I
+    res = head_config(load_config(None, {"train.hidden_dim": 32, "train.output_dim": 16}).train, variant, DI, DT)
+    assert res.residual == (variant != "i") and res.output_dim == (16 if variant == "i" else DT)
+    assert res.tau == 0.07 and res.learnable_tau
+    if res.residual:  # the first layers draw what a plain head would (the zeroed last one is drawn, then zeroed)
+        torch.manual_seed(3)
+        r = ClipIta(res).state_dict()
+        assert torch.equal(r["category_head.net.0.weight"], got["category_head.net.0.weight"])
