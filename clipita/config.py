@@ -97,8 +97,11 @@ class EmbedConfig:
     min_actors: int = 1  # encoder actor pool autoscales between min_actors and max_actors
     max_actors: int = 1
     gpus_per_actor: float = 0.0  # 0 runs the encoders on CPU; 1 pins one GPU per actor
-    cpus_per_actor: float = 1.0  # also the torch thread count of a CPU actor
-    read_workers: int = 4  # most CPU read/decode workers at once (each one CPU)
+    cpus_per_actor: float = 1.0  # CPUs an encoder actor reserves
+    torch_threads: int = 0  # torch threads of a CPU encoder; 0: the node's cores / max_actors (at least cpus_per_actor)
+    read_workers: int = 4  # most read/decode actors at once
+    read_cpus: float = 0.0  # CPUs a read actor reserves; 0: 1 with GPU encoders (decode feeds the GPU), else 0.25
+    #                         (on CPU, reading mostly waits on storage and the encoder needs the cores)
     fetch_threads: int = 16  # concurrent image reads per read worker (hides object-storage latency)
     max_image_bytes: int = 20_000_000  # larger image files are quarantined unread
     dtype: str = "float16"  # stored embedding precision: float16 (half the bytes) or float32
@@ -112,6 +115,8 @@ class EmbedConfig:
             raise ConfigError("embed.max_actors must be >= embed.min_actors")
         _check_range("embed.gpus_per_actor", self.gpus_per_actor, 0.0, 8.0)
         _check_range("embed.cpus_per_actor", self.cpus_per_actor, 0.0, 64.0)
+        _check_range("embed.read_cpus", self.read_cpus, 0.0, 64.0)
+        _check_range("embed.torch_threads", self.torch_threads, 0, 1024)
         _check_choice("embed.dtype", self.dtype, ("float16", "float32"))
 
 
@@ -122,20 +127,24 @@ SELECTIONS = ("loss", "retrieval")  # train.select: what best/ is chosen on (val
 class TrainConfig:
     """jobs.train: contrastive training of the heads, with Ray Train. ``recipe`` picks the method (``RECIPES``):
     ``residual`` (default) or ``paper`` (PAPER.md, exactly as before the residual recipe existed). The recipe picks
-    the heads (plain, or residual around the zero-shot text vectors); ``tau``, ``learnable_tau``, ``label_mask``
-    and ``select`` default (None) to the recipe's values; set them to override, one ingredient at a time (the
-    ablation of benchmarks/recipes.py). ``alphas`` only concerns residual heads; ``alphas=1.0`` keeps the model as
-    trained (no WiSE-FT search)."""
+    the heads (plain, or residual around the zero-shot text vectors); ``tau``, ``learnable_tau``, ``label_mask``,
+    ``select`` and ``kg_weight`` default (None) to the recipe's values; set them to override, one ingredient at a
+    time (the ablation of benchmarks/recipes.py). ``alphas`` only concerns residual heads; ``alphas=1.0`` keeps
+    the model as trained (no WiSE-FT search)."""
 
     RECIPES = {  # not a field (no annotation): the recipes' defaults
         # The paper's: plain MLP heads into an output_dim space, τ fixed at 1, same-category rows are negatives,
         # best/ = the epoch of the lowest validation loss.
-        "paper": {"tau": 1.0, "learnable_tau": False, "label_mask": False, "select": "loss"},
+        "paper": {"tau": 1.0, "learnable_tau": False, "label_mask": False, "select": "loss",
+                  "kg_weight": 0.0},
         # Keeps the frozen text encoder's zero-shot knowledge (issue 12): residual heads around the text vectors
         # (clipita/model.py; CLIP-I, with no text input, keeps the plain head), CLIP's learnt τ from 0.07, e-CLIP's
         # label mask, best/ = the epoch of the best validation retrieval (harmonic mean of the R-precision of seen
-        # and held-out validation categories), then the residual scale α picked from ``alphas`` on it (WiSE-FT).
-        "residual": {"tau": 0.07, "learnable_tau": True, "label_mask": True, "select": "retrieval"},
+        # and held-out validation categories), then the residual scale α picked from ``alphas`` on it (WiSE-FT),
+        # and KgCoOp's pull of the trained category vectors toward the frozen encoder's (weight 5, chosen on
+        # validation figures only: benchmarks/RESULTS.md "recipes").
+        "residual": {"tau": 0.07, "learnable_tau": True, "label_mask": True, "select": "retrieval",
+                     "kg_weight": 5.0},
     }
 
     recipe: str = "residual"  # residual (keeps zero-shot knowledge, issue 12) | paper (PAPER.md's recipe)
@@ -154,6 +163,9 @@ class TrainConfig:
     output_dim: int = 512  # width of the joint space of plain heads (residual heads output the text width)
     dropout: float = 0.0
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # residual recipe: residual scales tried after training
+    kg_weight: float | None = None  # KgCoOp: weight of 1 - cos(trained, zero-shot category vector) in the training
+    #                                 loss (residual heads only; the validation loss leaves it out); None: the
+    #                                 recipe's (paper: 0; residual: 5)
     workers: int = 1  # Ray Train workers (data parallel; the loss sees the gathered global batch); 0 = in-process
     use_gpu: bool = False  # one GPU per worker, bf16 autocast
     cpus_per_worker: float = 1.0  # CPUs a CPU worker reserves; also its torch thread count
@@ -167,8 +179,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("train.recipe", self.recipe, tuple(self.RECIPES))
         # Resolve the recipe's defaults here, so every reader sees plain values (and asdict round-trips). The
-        # three fields are Optional, which the generic loader passes through unchecked: convert them here.
-        for name, tp in (("tau", float), ("learnable_tau", bool), ("label_mask", bool), ("select", str)):
+        # fields are Optional, which the generic loader passes through unchecked: convert them here.
+        for name, tp in (("tau", float), ("learnable_tau", bool), ("label_mask", bool), ("select", str),
+                         ("kg_weight", float)):
             value = getattr(self, name)
             value = self.RECIPES[self.recipe][name] if value is None else _coerce(f"train.{name}", tp, value)
             object.__setattr__(self, name, value)
@@ -186,6 +199,7 @@ class TrainConfig:
         _check_range("train.max_failures", self.max_failures, 0, 1000)
         _check_range("train.cpus_per_worker", self.cpus_per_worker, 0.1, 1024)
         _check_range("train.cache_mb", self.cache_mb, 0, 10**7)
+        _check_range("train.kg_weight", self.kg_weight, 0.0, 1000.0)
         object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
         if not self.alphas:
             raise ConfigError("train.alphas must name at least one residual scale")
@@ -206,10 +220,11 @@ class IndexConfig:
     vector_actors: int = 1  # most actors applying the models to the products (each loads every trained head)
     gpus_per_actor: float = 0.0  # GPUs per vector actor (0: CPU)
     build_threads: int = 1  # threads per builder for HNSW inserts: 1 = the same graph every build, 0 = every core
-    dtype: str = "f32"  # stored vector precision: f32 | f16 | i8 (USearch quantisation)
+    dtype: str = "f16"  # stored vector precision: f32 | f16 | i8 (USearch quantisation); f16: half the RAM, recall
+    #                     0.99+ at ef 64 (benchmarks/RESULTS.md "index")
     connectivity: int = 16  # HNSW M: graph degree
     expansion_add: int = 128  # HNSW ef at build time
-    expansion_search: int = 256  # HNSW ef at query time (at least k)
+    expansion_search: int = 64  # HNSW ef at query time (at least k); evaluation ranks exactly, serving walks the graph
 
     def __post_init__(self) -> None:
         for name in ("builder_mb", "batch_size", "vector_actors", "connectivity", "expansion_add",

@@ -198,6 +198,15 @@ def _append(out: dict[str, list], row: dict) -> None:
         out[c].append(row[c])
 
 
+def torch_threads(cfg: EmbedConfig) -> int:
+    """Threads of a CPU encoder: ``embed.torch_threads``, else this node's cores shared by the encoder actors (the
+    read actors reserve little CPU and mostly wait on storage, so the cores they leave idle go to the encoder)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cfg.torch_threads or max(1, int(cfg.cpus_per_actor), cores // cfg.max_actors)
+
+
 class EmbedParts:
     """Actor stage: whole parts in -> the frozen encoders over their usable rows -> each part written (quarantine
     first, then features) -> one stats row per part out. Writing here, not on the driver, keeps every product off
@@ -208,8 +217,8 @@ class EmbedParts:
 
         from clipita.encoders import ImageEncoder, TextEncoder
 
-        if cfg.gpus_per_actor == 0 and cfg.cpus_per_actor >= 1:
-            torch.set_num_threads(int(cfg.cpus_per_actor))
+        if cfg.gpus_per_actor == 0:
+            torch.set_num_threads(torch_threads(cfg))
         self.workdir, self.expected, self.batch_size = workdir, expected, cfg.batch_size
         self.image, self.text = ImageEncoder(enc), TextEncoder(enc)
         self.dtype = np.dtype(cfg.dtype)
@@ -367,7 +376,7 @@ def run_embed(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(ReadParts, batch_size=1, fn_constructor_args=(catalog_root, dups, image_size, ec),
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(ec.read_workers, len(todo))),
-                            num_cpus=1)
+                            num_cpus=ec.read_cpus or (1.0 if ec.gpus_per_actor else 0.25))
         ds = ds.map_batches(EmbedParts, batch_size=None, fn_constructor_args=(workdir, cfg.encoders, ec, expected),
                             batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(min_size=ec.min_actors, max_size=ec.max_actors),

@@ -176,19 +176,23 @@ class Census:
         return sum(self.labels.get(("general", split), {}).values())
 
 
-def _count_file(uri: str, labeler: Labeler) -> tuple[dict, dict]:
+def _count_file(uri: str, labeler: Labeler, batch_rows: int = 8192) -> tuple[dict, dict]:
+    """Label and node counts of one products file, read ``batch_rows`` at a time (Python objects of one batch only)."""
     from collections import Counter
 
-    t = read_table(uri, ["product_id", "category_path"])
-    labels = labeler(t.column("product_id").to_pylist(), t.column("category_path").to_pylist())
-    by_label: dict = {}
-    for split in ("train", "val", "test"):
-        mask = labels.split == split
-        for setting in SETTINGS:
-            by_label[(setting, split)] = Counter(labels.by_setting[setting][mask].tolist())
+    fs, path = storage.arrow_filesystem(uri)
+    by_label: dict = {(setting, split): Counter() for split in ("train", "val", "test") for setting in SETTINGS}
     nodes: dict = {split: Counter() for split in ("train", "val", "test")}
-    for split, path in zip(labels.split, t.column("category_path").to_pylist()):
-        nodes[split].update(category_id(path[:d]) for d in range(1, len(path) + 1))
+    with fs.open_input_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=["product_id", "category_path"]):
+            paths = batch.column("category_path").to_pylist()
+            labels = labeler(batch.column("product_id").to_pylist(), paths)
+            for split in ("train", "val", "test"):
+                mask = labels.split == split
+                for setting in SETTINGS:
+                    by_label[(setting, split)].update(labels.by_setting[setting][mask].tolist())
+            for split, p in zip(labels.split, paths):
+                nodes[split].update(category_id(p[:d]) for d in range(1, len(p) + 1))
     return by_label, nodes
 
 

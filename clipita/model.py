@@ -190,24 +190,39 @@ def _to_device(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def _loss(model: nn.Module, loss_fn: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _loss(model: nn.Module, loss_fn: nn.Module, batch: dict[str, torch.Tensor],
+          kg_weight: float = 0.0) -> torch.Tensor:
     # Call the wrapper itself (not .module) so DDP's forward hooks run; logit_scale is read from the inner
     # model, and DDP still averages its gradient since its hooks sit on the parameter's gradient accumulator.
     p, c = model(batch)
-    return loss_fn(p, c, unwrap(model).logit_scale, batch.get("label"))
+    loss = loss_fn(p, c, unwrap(model).logit_scale, batch.get("label"))
+    if kg_weight:
+        loss = loss + kg_weight * knowledge_distance(c, batch["category"])
+    return loss
+
+
+def knowledge_distance(c: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
+    """KgCoOp's regulariser for residual heads: mean 1 - cos(trained category vector, frozen text encoder's vector
+    of the same name), so the category tower stays near the zero-shot space that unseen category names live in.
+    (KgCoOp uses the squared distance of unit vectors, 2 - 2 cos: the same up to a factor.)"""
+    if c.shape[-1] != category.shape[-1]:
+        raise ValueError("knowledge_distance needs residual heads (category vectors in the text encoder's space)")
+    return (1 - (c.float() * F.normalize(category.float(), dim=-1)).sum(-1)).mean()
 
 
 def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
-               scaler: torch.amp.GradScaler | None = None, autocast_dtype: torch.dtype | None = None) -> float:
+               scaler: torch.amp.GradScaler | None = None, autocast_dtype: torch.dtype | None = None,
+               kg_weight: float = 0.0) -> float:
     """One optimisation step on one batch; returns this process's loss. ``model`` may be wrapped in DDP.
 
     ``autocast_dtype`` (bf16 or fp16) runs the heads under autocast; fp16 also wants a GradScaler.
+    ``kg_weight`` > 0 adds ``knowledge_distance`` (residual heads only) with that weight to the loss.
     """
     model.train()
     device = next(model.parameters()).device
     batch = _to_device(batch, device)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        loss = _loss(model, loss_fn, batch)
+        loss = _loss(model, loss_fn, batch, kg_weight)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -41,21 +43,145 @@ def rejects_line(stats: dict, rejects_uri: str) -> str:
     return f"{stats['rejected']:,} rejected" + (f" ({reasons}): see {rejects_uri}" if reasons else "")
 
 
+# Worker lines that every healthy run prints and that tell a user nothing; the driver drops them from the console
+# (Ray's documented RAY_DEDUP_LOGS_SKIP_REGEX, applied where log_to_driver prints worker output). Every one of them
+# stays in the worker's and Ray's log files; RAY_DEDUP_LOGS=0 turns the filter off. Each is one exact message, so a
+# worker's genuine warnings, errors and tracebacks still reach the console.
+QUIET_WORKER_LINES = (
+    # Ray core, once per process that creates a Ray Data actor pool (Ray Data passes ray.put refs of its transformer
+    # and DataContext, max_restarts=-1) or Ray Train's PreemptionWatcher: not about our arguments, ray#53727
+    r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store and max_restarts",
+    # Ray Train's PlacementGroupCleaner polls the State API every second; a local Ray has no dashboard to answer it
+    r"Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable",
+    # raylet: actor pools + Train workers + split coordinators start more workers than a 2-core node's cpu count
+    r"PYTHON worker processes have been started on node: .* maximum expected startup concurrency",
+    # Ray Data's INFO lines inside workers (split coordinators, Train workers): ray-data/*.log keeps them
+    r"^Starting execution of Dataset \S+\.( Full logs are in .*)?$",
+    r"^Execution plan of Dataset \S+: ",
+    r"^Progress bars disabled\. To enable, set `ray\.data\.DataContext",
+    r"^\u2714\ufe0f? +Dataset \S+ execution finished in [\d.]+ seconds$",
+    # Ray Train's INFO lines (train/*.log keeps them)
+    r"^Requesting resources: \{",
+    r"^Attempting to start training worker group of size \d+",
+    r"^Started training worker group of size \d+: ?$",
+    r"^- \(ip=\S+, pid=\d+\) world_rank=\d+, local_rank=\d+, node_rank=\d+$",
+    r"^Setting up process group for: ",
+    r"^Moving model to device: ",
+    r"^Reporting training result \d+: TrainingReport\(",
+    # Ray Train's own DatasetManager calls a Ray Data option deprecated in the same release (a warning + its source)
+    r"RayDeprecationWarning: `ExecutionOptions\.exclude_resources` is deprecated",
+    r"^  self\.exclude_resources = exclude_resources$",
+    # open_clip on the offline test/demo model, random weights by design (configs/offline.yaml)
+    r"No pretrained weights loaded for model 'clipita-tiny'\. Model initialized randomly\.",
+)
+
+# Set before Ray is imported (Ray reads them at import) and passed on to workers; a user's own value wins.
+QUIET_ENV = {
+    "RAY_DEDUP_LOGS_SKIP_REGEX": "|".join(f"(?:{p})" for p in QUIET_WORKER_LINES),
+    # Ray Train V2 redirects print() in workers to a logger and also tees it to stdout when sys.stdout is not
+    # sys.__stdout__ -- always so in a Ray worker -- so every worker line reached the driver twice. Train
+    # propagates this variable from the driver to its controller and workers.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # A weight-loading progress bar per encoder actor drowns the job's own progress lines.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def quiet_console() -> None:
+    """Environment of a quiet console; call before anything imports ray (start_ray does)."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+class _DropMessages(logging.Filter):
+    """Drops records whose message starts with one of ``prefixes`` (a console handler's filter)."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def _quiet_driver_loggers(progress_bars: bool) -> None:
+    """The driver's Ray Data logger: its INFO lines (execution plans, "finished in") go to logs/ray-data/ray-data.log
+    only; its console handler keeps warnings and errors. The logger's own level is untouched, so the file keeps
+    everything."""
+    import ray.data  # noqa: F401  (configures the ray.data logger and its handlers)
+    from ray.data._internal.logging import SessionFileHandler
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, SessionFileHandler):
+            handler.setLevel(logging.WARNING)
+            if not progress_bars:  # turned off on purpose, see start_ray
+                handler.addFilter(_DropMessages("Progress bars disabled."))
+
+
+def _runtime_env(local: bool) -> dict:
+    """The job's runtime_env: QUIET_ENV for every worker (a local Ray's workers inherit it anyway; a cluster's do
+    not), leaving out what a submitted job's runtime_env already sets (ray.init refuses conflicting keys)."""
+    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    taken = set((submitted.get("env_vars") or {}))
+    env = {k: os.environ[k] for k in QUIET_ENV if k not in taken and k in os.environ}
+    out: dict = {"env_vars": env} if env else {}
+    if local and "worker_process_setup_hook" not in submitted:
+        out["worker_process_setup_hook"] = "clipita.runtime.worker_setup"
+    return out
+
+
+def worker_setup() -> None:
+    """worker_process_setup_hook of a local Ray. Ray Train's PlacementGroupCleaner looks its cluster up without an
+    address; on a machine running more than one Ray (CI, shared hosts) that raises ConnectionError in its monitor
+    thread, a 20-line traceback on every Train run. That one exception goes to the worker's .err file in Ray's log
+    folder (not forwarded to the console); any other thread exception is printed as usual."""
+    import threading
+    import traceback
+
+    default = threading.excepthook
+
+    def hook(args) -> None:
+        if (args.thread is not None and args.thread.name == "PlacementGroupCleanerMonitor"
+                and isinstance(args.exc_value, ConnectionError)
+                and "multiple active Ray instances" in str(args.exc_value)):
+            try:
+                import ray
+
+                logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+                with open(os.path.join(logs, f"placement-group-cleaner-{os.getpid()}.err"), "a") as f:
+                    traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback, file=f)
+                return
+            except Exception:  # noqa: BLE001 - fall back to Ray's usual printing
+                pass
+        default(args)
+
+    threading.excepthook = hook
+
+
 def start_ray() -> None:
-    """Join the cluster when there is one (``ray job submit`` sets RAY_ADDRESS), else start a local Ray."""
+    """Join the cluster when there is one (``ray job submit`` sets RAY_ADDRESS), else start a local Ray; then print
+    one line saying where Ray's full logs are. The console keeps our progress lines and genuine warnings and errors
+    (ours and Ray's); what a healthy run's Ray prints besides goes to those log files only."""
+    quiet_console()
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # A weight-loading progress bar per encoder actor drowns the job's own progress lines; workers inherit this.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if ray.is_initialized():
         return
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-             log_to_driver=True, configure_logging=False)
+    # ray.init logs at WARNING that token authentication is on, Ray's default for a new local cluster: not a problem
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        _DropMessages("Token authentication is enabled for this Ray cluster."))
+    address = os.environ.get("RAY_ADDRESS") or None
+    info = ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False,
+                    runtime_env=_runtime_env(local=address is None) or None)
+    progress_bars = sys.stderr.isatty()  # Ray Data's own bars on a terminal, our progress lines otherwise
+    _quiet_driver_loggers(progress_bars)
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    ray.data.DataContext.get_current().enable_progress_bars = progress_bars
+    session = getattr(info, "address_info", {}).get("session_dir")
+    logs = os.path.join(session, "logs") if session else "/tmp/ray/session_latest/logs"
+    print(f"ray: {'joined ' + address if address else 'local Ray'}; full logs in {logs}", flush=True)
 
 
 @contextmanager

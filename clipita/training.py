@@ -15,7 +15,9 @@ of the two (the base-to-new convention; the mean of the one that exists when the
 when neither). Then, for residual heads, after the last epoch the residual scale α of best/ is chosen from
 ``train.alphas`` on that harmonic mean (WiSE-FT; α = 0 is the zero-shot model; ``alphas=1.0`` keeps the model as
 trained) and saved in best/ (its metadata records every α's score). Only the validation split is ever read: the
-test split (and its held-out categories) never informs a choice.
+test split (and its held-out categories) never informs a choice. ``train.kg_weight`` (residual heads; the residual
+recipe's default 5) adds KgCoOp's 1 - cos(trained, frozen category vector) to the training loss (model.py
+``knowledge_distance``); the validation loss and retrieval leave it out.
 
 One worker group trains every requested run at once (``train_runs``): the group starts once, and each epoch
 reads the features once for all runs (every run sees the same products; each takes its own labels and its own
@@ -94,6 +96,7 @@ class Run:
     start: int
     seconds: float = 0.0
     losses: list = dataclasses.field(default_factory=list)
+    kg_weight: float = 0.0  # train.kg_weight where the heads are residual (KgCoOp needs the text space), else 0
 
 
 def _load_all(shard, batch_size: int = 8192) -> dict[str, np.ndarray]:
@@ -203,7 +206,7 @@ def train_loop(config: dict) -> dict:
     use_gpu = tc.use_gpu and torch.cuda.is_available()
     if not use_gpu and tc.workers > 0 and tc.cpus_per_worker >= 1:  # local mode (0) keeps the driver's threads
         torch.set_num_threads(int(tc.cpus_per_worker))  # Ray sets one OpenMP thread per reserved CPU otherwise
-    categories = torch.from_numpy(config["categories"])
+    categories = torch.from_numpy(np.array(config["categories"], dtype=np.float32))  # writable copy: no warning
     runs: list[Run] = []
     for spec in config["runs"]:
         torch.manual_seed(tc.seed)
@@ -217,7 +220,8 @@ def train_loop(config: dict) -> dict:
             meta = load_metadata(last)
             history, best, start = meta["history"], meta["best"], meta["epoch"]
         runs.append(Run(spec["name"], spec["setting"], spec["batch"], spec["run_dir"], prepare_model(model),
-                        optimizer, history, best, start))
+                        optimizer, history, best, start,
+                        kg_weight=tc.kg_weight if model.config.residual else 0.0))
     if rank == 0 and any(r.start for r in runs):
         print(f"train: resuming {', '.join(f'{r.name} after epoch {r.start}' for r in runs if r.start)}")
     autocast = torch.bfloat16 if use_gpu else None
@@ -242,7 +246,7 @@ def train_loop(config: dict) -> dict:
                 t0 = time.time()
                 for part in _slices(rows, r.batch):
                     r.losses.append(train_step(r.model, loss_fn, r.optimizer, _tensors(part, r.setting, categories),
-                                               autocast_dtype=autocast))
+                                               autocast_dtype=autocast, kg_weight=r.kg_weight))
                 r.seconds += time.time() - t0
         line = []
         for r in active:
@@ -377,7 +381,8 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
                                                {"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name="ray-train", storage_path=path, storage_filesystem=fs if storage.is_remote(workdir) else None,
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),  # its INFO lines stay in the log files
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )

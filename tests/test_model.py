@@ -341,3 +341,25 @@ def test_recipe_paper_builds_todays_model(variant, tmp_path):
         torch.manual_seed(3)
         r = ClipIta(res).state_dict()
         assert torch.equal(r["category_head.net.0.weight"], got["category_head.net.0.weight"])
+
+
+def test_kgcoop_regulariser_keeps_categories_near_the_zero_shot_vectors():
+    from clipita.model import knowledge_distance
+
+    batch = random_batch(16)
+    untrained = ClipIta(residual())
+    _, c = untrained(batch)
+    assert knowledge_distance(c, batch["category"]).item() == pytest.approx(0.0, abs=1e-6)  # starts at zero-shot
+    moved = {}
+    for w in (0.0, 10.0):
+        torch.manual_seed(0)
+        model = ClipIta(residual())
+        opt = make_optimizer(model, 1e-2, 0.0)
+        for _ in range(20):
+            train_step(model, ContrastiveLoss(), opt, batch, kg_weight=w)
+        moved[w] = knowledge_distance(model(batch)[1], batch["category"]).item()
+    assert moved[10.0] < moved[0.0] / 2  # the weight pulls the trained category vectors back
+    torch.manual_seed(0)
+    plain = ClipIta(small())
+    with pytest.raises(ValueError, match="needs residual heads"):
+        train_step(plain, ContrastiveLoss(), make_optimizer(plain, 1e-3, 0.0), batch, kg_weight=1.0)

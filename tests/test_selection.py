@@ -62,12 +62,13 @@ def test_each_ingredient_is_its_own_knob():
     from clipita.config import ConfigError, load_config
 
     res, paper = load_config().train, load_config(None, {"train.recipe": "paper"}).train
-    assert (res.select, paper.select) == ("retrieval", "loss")
+    assert (res.select, paper.select) == ("retrieval", "loss") and (res.kg_weight, paper.kg_weight) == (5.0, 0.0)
     plain_residual = load_config(None, {"train.recipe": "residual", "train.tau": "1", "train.learnable_tau": "false",
                                         "train.label_mask": "false", "train.select": "loss",
-                                        "train.alphas": "1.0"}).train
+                                        "train.alphas": "1.0", "train.kg_weight": "0"}).train
     assert (plain_residual.recipe, plain_residual.tau, plain_residual.learnable_tau, plain_residual.label_mask,
-            plain_residual.select, plain_residual.alphas) == ("residual", 1.0, False, False, "loss", (1.0,))
+            plain_residual.select, plain_residual.alphas, plain_residual.kg_weight) == \
+        ("residual", 1.0, False, False, "loss", (1.0,), 0.0)
     assert load_config(None, {"train.recipe": "paper", "train.select": "retrieval"}).train.select == "retrieval"
     with pytest.raises(ConfigError, match="train.select must be one of loss, retrieval, got 'auc'"):
         load_config(None, {"train.select": "auc"})

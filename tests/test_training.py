@@ -120,3 +120,20 @@ def test_residual_recipe_selects_on_validation_retrieval_and_picks_alpha(ray_ses
     lines.clear()
     train_runs(work, [("ita", "specific"), ("i", "specific")], cfg, log=lines.append)
     assert all("not training again" in line for line in lines) and len(lines) == 2
+
+
+def test_residual_heads_with_loss_selection_and_no_alpha_search(ray_session, embedded_workdir, tmp_path):
+    """The ablation's knobs (benchmarks/recipes.py): residual heads, best/ on the validation loss, α fixed at 1,
+    KgCoOp's regulariser on (the validation loss leaves it out, so the two recipes' losses stay comparable)."""
+    from clipita.checkpoint import load_metadata
+
+    work = workdir_with_features(embedded_workdir, tmp_path, "ablation")
+    cfg = config(recipe="residual", tau=1.0, learnable_tau=False, label_mask=False, select="loss", alphas="1.0",
+                 kg_weight=1.0, epochs=3, workers=1, batch_size=16)
+    train_runs(work, [("ita", "specific")], cfg, log=lambda _: None)
+    c = curve(work, "ita", "specific")
+    best = load_metadata(best_checkpoint(work, "ita", "specific"))
+    assert c[best["epoch"] - 1]["val_loss"] == min(h["val_loss"] for h in c)  # selected on the loss
+    assert best["alpha"] == 1.0 and list(best["alpha_val_rprec_hm"]) == ["1.0"]
+    assert all(h["tau"] == pytest.approx(1.0) for h in c)  # fixed
+    assert load_model(best_checkpoint(work, "ita", "specific")).config.residual

@@ -1,0 +1,76 @@
+"""The console of a healthy job: our progress lines, one line per training epoch, no ERROR / WARNING lines and no
+duplicated lines (Ray's own chatter stays in /tmp/ray/session_*/logs); an unhealthy run still shows its errors."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Ray's Python logging (``... WARNING file.py:1 -- ``), Ray core's C++ logs (``[date E pid tid] file.cc``),
+# Python warnings and the root logger's default format, tracebacks
+BAD = re.compile(r"\b(ERROR|WARNING|CRITICAL)\b|^\S*\s*\[[\d :,-]+ [EWF] \d+ \d+\]|Warning:|Traceback \(most recent")
+
+
+def run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    for key in ("RAY_ADDRESS", "RAY_DEDUP_LOGS", "RAY_DEDUP_LOGS_SKIP_REGEX", "RAY_TRAIN_ENABLE_PRINT_PATCH"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def console(proc: subprocess.CompletedProcess) -> list[str]:
+    return [ANSI.sub("", line) for line in (proc.stdout + proc.stderr).splitlines()]
+
+
+def test_healthy_train_console_is_clean(tmp_path):
+    work = str(tmp_path / "work")
+    synth = run("-m", "jobs.synth", "--features-only", "--out", work, "--products", "300", "--workers", "1")
+    assert synth.returncode == 0, synth.stderr
+    proc = run("-m", "jobs.train", "--workdir", work, "--variant", "ita", "--setting", "all", "--workers", "1",
+               "--epochs", "2", "--batch-size", "32", "--set", "train.val_rows=64")
+    lines = console(proc)
+    text = "\n".join(lines)
+    assert proc.returncode == 0, text
+    # progress: where Ray's logs are (once), the job's plan, one line per epoch, its result
+    assert sum(line.startswith("ray: local Ray; full logs in /") for line in lines) == 1, text
+    epochs = [line for line in lines if re.search(r"train: epoch \d+/2 ", line)]
+    assert len(epochs) == 2 and "epoch 1/2" in epochs[0] and "epoch 2/2" in epochs[1], text
+    assert any(line.startswith("jobs.train:") for line in lines), text
+    bad = [line for line in lines if BAD.search(line)]
+    assert not bad, text
+    repeated = [a for a, b in zip(lines, lines[1:]) if a == b and a.strip()]
+    assert not repeated, text
+    assert len(set(epochs)) == len(epochs) and len(lines) < 25, text
+
+
+def test_errors_still_reach_the_console(tmp_path):
+    # a user error: one line, exit code 2
+    proc = run("-m", "jobs.train", "--workdir", str(tmp_path / "missing"), "--variant", "ita", "--setting", "all",
+               "--workers", "1")
+    assert proc.returncode == 2 and re.search(r"^jobs\.train: error: ", proc.stderr, re.M), proc.stderr
+    # a worker's warning and exception, and Ray's error log about it, under the same console settings
+    script = (
+        "import logging, ray\n"
+        "from clipita import runtime\n"
+        "runtime.start_ray()\n"
+        "@ray.remote\n"
+        "def bad():\n"
+        "    logging.getLogger('clipita').warning('worker warning: disk almost full')\n"
+        "    raise RuntimeError('worker exploded')\n"
+        "try:\n"
+        "    ray.get(bad.remote())\n"
+        "except ray.exceptions.RayTaskError as e:\n"
+        "    print('driver caught:', type(e.cause).__name__, e.cause)\n"
+    )
+    proc = run("-c", script, timeout=120)
+    text = "\n".join(console(proc))
+    assert proc.returncode == 0, text
+    assert "worker warning: disk almost full" in text, text
+    assert "driver caught: RuntimeError worker exploded" in text, text
