@@ -6,12 +6,14 @@ labels some training product) and ``unseen``. A hierarchy-aware relevance (the p
 query category) is reported beside the paper's, under the row's ``hierarchy`` key and in its own table.
 
 Streaming, for catalogues no process can hold: the driver keeps the tree, the per-category counts of a
-``census`` (R of every query, seen or unseen) and the query vectors. ``QueryRanker`` actors hold the test split's
-rows (labels as integers) and memory-map the test-scope shards that jobs.index built; each takes a batch of
-queries, ranks it as deep as its deepest R (bm25 through the inverted index of
-clipita.bm25, dense models by usearch's exact scan of the shards, so metrics never depend on the graph), and
-returns per-query metrics, which the driver averages per split. The HNSW walk that serving uses is checked
-against that exact ranking on a sample of queries (recall@10 at index.expansion_search).
+``census`` (R of every query, seen or unseen) and the query vectors. The test-scope shards that jobs.index built
+are cut into partitions of at most ``evaluate.ranker_rows`` products; a ``QueryRanker`` actor per partition holds
+its rows (labels as integers) and memory-maps its shards. Each batch of queries goes to every partition, which
+returns its exact top-k as deep as the batch's deepest R (bm25 through the inverted index of clipita.bm25 with the
+whole split's idf, dense models by usearch's exact scan, so metrics never depend on the graph); a ``merge_top_k``
+task merges them (ties: global row, or product id for bm25, as one actor would rank) into per-query metrics, which
+the driver averages per split. The HNSW walk that serving uses is checked against that exact ranking on a sample
+of queries (recall@10 at index.expansion_search).
 
 Outputs: metrics.json (DESIGN.md rows), metrics.md (Table 1 layout with the paper's numbers), metrics.png.
 """
