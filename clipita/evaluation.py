@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from clipita import storage
+from clipita import metrics, storage
 from clipita.features import census, labeler_for, load_categories, load_tree
 from clipita.index import IndexIntegrityError, ShardedIndex, default_builders, group_dir, group_name
 from clipita.metrics import per_query_metrics
@@ -340,11 +340,9 @@ HM_METRICS = ("R-prec", "P@10")  # reported as seen / unseen / harmonic mean (ba
 
 
 def harmonic_mean(seen: float | None, unseen: float | None) -> float | None:
-    """The base-to-new convention of CLIP fine-tuning research (CoOp, CoCoOp): HM = 2·s·u / (s + u); None when
-    a side has no queries, 0 when both are 0."""
-    if seen is None or unseen is None:
-        return None
-    return 0.0 if seen + unseen == 0 else round(2 * seen * unseen / (seen + unseen), 4)
+    """metrics.harmonic_mean of a metrics row's seen and unseen figures, rounded as the rows are; None when a side
+    has no queries."""
+    return None if seen is None or unseen is None else round(metrics.harmonic_mean(seen, unseen), 4)
 
 
 def add_base_to_new(rows: list[dict]) -> None:

@@ -107,6 +107,12 @@ def retrieval_metrics(hits: np.ndarray, n_relevant: np.ndarray, precision_at: Se
     return out
 
 
+def harmonic_mean(seen: float, unseen: float) -> float:
+    """HM = 2·s·u / (s + u) of seen and unseen figures (the base-to-new convention of CLIP fine-tuning research:
+    CoOp, CoCoOp); 0 when both are 0."""
+    return 0.0 if seen + unseen == 0 else 2 * seen * unseen / (seen + unseen)
+
+
 def rank_scores(scores: np.ndarray, k: int) -> np.ndarray:
     """(Q, min(k, N)) candidate indices, best score first; equal scores rank the lower candidate index first."""
     scores = np.asarray(scores)

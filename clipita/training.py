@@ -136,10 +136,13 @@ def _slices(rows: dict[str, np.ndarray], size: int, drop_last: bool = True):
 
 
 def harmonic_mean(seen: float, unseen: float) -> float:
-    """Of the seen and unseen R-precision; the one that exists when the other is NaN (no such query); NaN if none."""
+    """metrics.harmonic_mean of the seen and unseen validation R-precision; the one that exists when the other is
+    NaN (no such query); NaN if none."""
+    from clipita import metrics
+
     if np.isnan(seen) or np.isnan(unseen):
         return unseen if np.isnan(seen) else seen
-    return 0.0 if seen + unseen == 0 else 2 * seen * unseen / (seen + unseen)
+    return metrics.harmonic_mean(seen, unseen)
 
 
 def val_retrieval(model, val: dict[str, np.ndarray], setting: str, categories, seen: np.ndarray,
