@@ -3,9 +3,9 @@ Ray tasks + ``ShardedIndex.search``, and a plain single-shard ``usearch.index.In
 (matmul + argpartition, and clipita's ``metrics.rank_scores``) and faiss-cpu ``IndexHNSWFlat``, on the same
 vectors, queries and machine, in one run.
 
-    python benchmarks/index.py                                    # 100k x 512, random and clustered (~10 min)
+    python benchmarks/index.py                                    # 100k x 512, random and clustered (~5 min)
     python benchmarks/index.py --sizes 1000000 --data clustered --queries 500   # 1M: ~10 min per HNSW build
-    python benchmarks/index.py --data clustered --methods exact,clipita --shards 1 --dtypes f32,i8
+    python benchmarks/index.py --data clustered --methods exact,clipita --shards 1 --dtypes f32,f16,i8
 
 Vectors are unit-norm float32, cosine similarity: ``random`` (uniform on the sphere: no structure, the hard case
 for graph indexes) and ``clustered`` (a Gaussian mixture: ``--clusters`` centres, each point its centre plus
@@ -15,6 +15,8 @@ ef_construction = 128 (``--expansion-add``); each row searches with the ef of it
 expansion_search). Queries are searched in one batch per method, on all cores (USearch ``threads=0``, faiss and
 BLAS OpenMP), so queries/s is throughput, not single-query latency. Build time of clipita's index includes
 moving the vectors to the Ray tasks, serialising each shard, its SHA-256, the ids parquet and the manifest.
+
+The faiss rows need ``pip install faiss-cpu`` (not a clipita dependency; 1.15.1 in RESULTS.md).
 
 Prints the machine, the date and one markdown table for benchmarks/RESULTS.md.
 """
@@ -122,18 +124,23 @@ def bench_usearch(base, queries, efs, args, dtype: str) -> list[tuple[str, float
 
 def bench_clipita(base, queries, efs, args, folder: str, dtype: str) -> list[tuple[str, float, int, float,
                                                                                 np.ndarray]]:
-    from clipita.index import ShardedIndex, build_group
+    from clipita.config import IndexConfig
+    from clipita.index import ShardedIndex, build_group, rows_per_shard
 
     uri = os.path.join(folder, "clipita-index")
     ids = np.array([f"P{i:07d}" for i in range(len(base))], dtype=object)
-    _, seconds = timed(lambda: build_group(uri, base, ids, {"model": "bench"}, args.shards, dtype,
-                                           args.connectivity, args.expansion_add))
+    # jobs.index's shards: as many rows as fit index.builder_mb (one model); every core builds (a task per shard,
+    # cores / shards threads each when there are fewer shards than cores)
+    shards = args.shards or -(-len(base) // rows_per_shard(IndexConfig(dtype=dtype), [base.shape[1]]))
+    threads = max(1, os.cpu_count() // shards)
+    _, seconds = timed(lambda: build_group(uri, base, ids, {"model": "bench"}, shards, dtype,
+                                           args.connectivity, args.expansion_add, threads))
     index = ShardedIndex(uri)
     rows = []
     for ef in efs:
         index.search(queries[:10], K, ef)  # warm-up (and sets ef on every shard)
         result, qs = timed(lambda: index.search(queries, K, ef))
-        rows.append((f"clipita build_group + ShardedIndex, {args.shards} shards, {dtype}", seconds, ef, qs,
+        rows.append((f"clipita build_group + ShardedIndex, {shards} shards, {dtype}", seconds, ef, qs,
                      result.rows))
     del index
     shutil.rmtree(uri, ignore_errors=True)
@@ -169,13 +176,16 @@ def main() -> None:
     p.add_argument("--data", default="random,clustered", help="random,clustered (default both)")
     p.add_argument("--dim", type=int, default=512, help="vector width (default 512: CLIP ViT-B/32, the heads)")
     p.add_argument("--queries", type=int, default=1000, help="queries per (data, size) (default 1000)")
-    p.add_argument("--ef", default="32,128,256,512",
-                   help="search ef values, faiss and USearch alike (default 32,128,256,512; clipita's is 256)")
+    p.add_argument("--ef", default="32,64,128,256",
+                   help="search ef values, faiss and USearch alike (default 32,64,128,256; clipita's is 64, "
+                        "index.expansion_search)")
     p.add_argument("--connectivity", type=int, default=16, help="HNSW M (default 16, index.connectivity)")
     p.add_argument("--expansion-add", type=int, default=128, help="ef_construction (default 128, index.expansion_add)")
-    p.add_argument("--shards", type=int, default=4, help="clipita build_group shards (default 4, index.shards)")
-    p.add_argument("--dtypes", default="f32", help="USearch stored precisions, one build each: f32,f16,i8 "
-                                                    "(default f32)")
+    p.add_argument("--shards", type=int, default=0, help="clipita build_group shards, one single-threaded task "
+                                                         "each (default 0: as jobs.index cuts them, by "
+                                                         "index.builder_mb; fewer shards than cores get threads)")
+    p.add_argument("--dtypes", default="f16", help="USearch stored precisions, one build each: f32,f16,i8 "
+                                                    "(default f16, index.dtype)")
     p.add_argument("--clusters", type=int, default=1000, help="mixture components of clustered data (default 1000)")
     p.add_argument("--spread", type=float, default=0.7, help="noise norm around a centre (default 0.7: within-"
                                                              "cluster cosine ~0.67)")

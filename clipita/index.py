@@ -114,18 +114,19 @@ def write_manifests(scope_uri: str, groups: dict[str, int], entries: dict[str, l
 
 
 def _build_slice(uri: str, vectors: np.ndarray, ids: np.ndarray, shard_no: int, dtype: str, connectivity: int,
-                 expansion_add: int) -> list[dict]:
+                 expansion_add: int, threads: int) -> list[dict]:
     writer = ShardWriter(uri, {"": vectors.shape[1]}, "shard", dtype, connectivity, expansion_add, rows_dir="",
-                         shard_no=shard_no)
+                         shard_no=shard_no, threads=threads)
     writer.add(pa.table({"product_id": pa.array(list(ids), pa.string())}), {"": vectors})
     writer.flush()
     return writer.entries[""]
 
 
 def build_group(uri: str, vectors: np.ndarray, ids: np.ndarray, meta: dict, shards: int, dtype: str = "f32",
-                connectivity: int = 16, expansion_add: int = 128) -> dict:
-    """One group from vectors held in memory (benchmarks, tests): ``shards`` parallel Ray tasks, one per block of
-    rows; the rows files sit beside the shards. jobs.index streams instead (``build_indexes``)."""
+                connectivity: int = 16, expansion_add: int = 128, threads: int = 1) -> dict:
+    """One group from vectors held in memory (benchmarks, tests): ``shards`` parallel Ray tasks of ``threads``
+    CPUs (and insert threads) each, one per block of rows; the rows files sit beside the shards. jobs.index
+    streams instead (``build_indexes``)."""
     import ray
 
     if dtype not in DTYPES:
@@ -134,8 +135,8 @@ def build_group(uri: str, vectors: np.ndarray, ids: np.ndarray, meta: dict, shar
     n = len(vectors)
     shards = max(1, min(shards, n))
     bounds = np.linspace(0, n, shards + 1).astype(int)
-    task = ray.remote(num_cpus=1)(_build_slice)
-    refs = [task.remote(uri, vectors[a:b], ids[a:b], i, dtype, connectivity, expansion_add)
+    task = ray.remote(num_cpus=threads)(_build_slice)
+    refs = [task.remote(uri, vectors[a:b], ids[a:b], i, dtype, connectivity, expansion_add, threads)
             for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     entries = [e for r in ray.get(refs) for e in r]
     # the group's files, rows included, sit in uri itself (group "" of the scope folder uri)
@@ -353,6 +354,12 @@ def vector_dims(workdir: str, model: str, setting: str | None) -> int:
     return vector_width(workdir, {"mpnet": "title_emb", "clip": "image_emb"}[model])
 
 
+def rows_per_shard(ic, dims) -> int:
+    """Products per shard: what fits ``index.builder_mb`` with every model's vectors and graph, both scopes open."""
+    per_row = sum(d * DTYPE_BYTES[ic.dtype] + GRAPH_BYTES for d in dims)
+    return max(100, ic.builder_mb * 2**20 // (2 * per_row))
+
+
 def default_builders() -> int:
     """Shard builders when index.shards is 0, and evaluation's ranking actors: one per two CPUs of the cluster (the
     stage feeding them needs the rest)."""
@@ -378,8 +385,7 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
     groups = dense_groups(workdir, SETTINGS)
     dims = {group_name(m, s): vector_dims(workdir, m, s) for m, s in groups}
     builders = ic.shards or default_builders()
-    per_row = sum(d * DTYPE_BYTES[ic.dtype] + GRAPH_BYTES for d in dims.values())
-    shard_rows = max(100, ic.builder_mb * 2**20 // (2 * per_row))  # two scopes open at once
+    shard_rows = rows_per_shard(ic, dims.values())
     log(f"index: {len(groups)} models x 2 scopes ({', '.join(dims)}), {builders} builders, shards of at most "
         f"{shard_rows:,} products ({ic.dtype})")
     fs, path = storage.filesystem(storage.join(workdir, "index"))

@@ -159,6 +159,64 @@ def worker_setup() -> None:
     threading.excepthook = hook
 
 
+def _filter_driver_stderr(logs: str) -> None:
+    """Ray core (C++) in the driver writes its ERROR lines to file descriptor 2 itself, past Python's logging and
+    the log_to_driver filter. One of them is a false alarm on every healthy run (QUIET_WORKER_LINES[0]: Ray Data
+    keeps the referenced constructor arguments alive for as long as its actor pools live). Route fd 2 through a
+    pipe whose reader moves that line to ``<logs>/driver-<pid>.quiet.err`` and passes every other byte on as it
+    comes (a partial line, such as a progress bar's, after 0.1 s). The original stderr is back at exit."""
+    import atexit
+    import re
+    import select
+    import threading
+
+    quiet = re.compile(QUIET_WORKER_LINES[0].encode())
+    sys.stderr.flush()
+    original = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+
+    def forward(data: bytes) -> None:
+        while data:
+            data = data[os.write(original, data):]
+
+    def pump() -> None:
+        pending = b""
+        try:
+            while True:
+                ready, _, _ = select.select([read], [], [], 0.1 if pending else None)
+                chunk = os.read(read, 65536) if ready else b""
+                if ready and not chunk:  # EOF: every writer closed
+                    break
+                *lines, pending = (pending + chunk).split(b"\n")
+                out = b""
+                for line in lines:
+                    if quiet.search(line):
+                        with open(os.path.join(logs, f"driver-{os.getpid()}.quiet.err"), "ab") as f:
+                            f.write(line + b"\n")
+                    else:
+                        out += line + b"\n"
+                if not ready:  # nothing more within 0.1 s: a partial line goes out as it is
+                    out, pending = out + pending, b""
+                forward(out)
+            forward(pending)
+        except Exception:  # noqa: BLE001 - never leave writers blocked on a pipe nobody reads
+            os.dup2(original, 2)
+            forward(pending)
+            raise
+
+    thread = threading.Thread(target=pump, name="clipita-stderr", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # the pipe's write end closes; the reader drains it and ends
+        thread.join(timeout=2)
+
+    atexit.register(restore)
+
+
 def start_ray() -> None:
     """Join the cluster when there is one (``ray job submit`` sets RAY_ADDRESS), else start a local Ray; then print
     one line saying where Ray's full logs are. The console keeps our progress lines and genuine warnings and errors
@@ -181,6 +239,8 @@ def start_ray() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = progress_bars
     session = getattr(info, "address_info", {}).get("session_dir")
     logs = os.path.join(session, "logs") if session else "/tmp/ray/session_latest/logs"
+    if os.environ.get("RAY_DEDUP_LOGS") != "0" and os.path.isdir(logs):
+        _filter_driver_stderr(logs)
     print(f"ray: {'joined ' + address if address else 'local Ray'}; full logs in {logs}", flush=True)
 
 

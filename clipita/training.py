@@ -21,7 +21,8 @@ recipe's default 5) adds KgCoOp's 1 - cos(trained, frozen category vector) to th
 
 One worker group trains every requested run at once (``train_runs``): the group starts once, and each epoch
 reads the features once for all runs (every run sees the same products; each takes its own labels and its own
-batch size out of the shared loader batch).
+batch size out of the shared loader batch). A run stops early once ``train.patience`` epochs in a row have not
+improved its selection (residual recipe: 5; paper: 0, every epoch); the group ends when every run has stopped.
 
 Data, bounded per worker: the train split streams from the features' parquet files through Ray Data
 (labels computed in the read tasks) and is cut by ``streaming_split`` into equal shards, one per worker. A worker
@@ -61,10 +62,15 @@ def best_checkpoint(workdir: str, variant: str, setting: str) -> str:
 
 
 def finished(workdir: str, variant: str, setting: str, epochs: int) -> bool:
+    """Whether the run has trained every epoch or stopped early, and (residual heads) has its α."""
     rd = run_dir(workdir, variant, setting)
     curve, best = storage.join(rd, "curve.json"), storage.join(rd, "best", "config.json")
-    if not (storage.exists(curve) and len(storage.read_json(curve)) >= epochs and storage.exists(best)):
+    if not (storage.exists(curve) and storage.exists(best)):
         return False
+    if len(storage.read_json(curve)) < epochs:  # unless it stopped early (train.patience)
+        last = storage.join(rd, "last", "config.json")
+        if not (storage.exists(last) and storage.read_json(last).get("metadata", {}).get("stopped")):
+            return False
     saved = storage.read_json(best)  # residual heads are done once their α is chosen (after the last epoch)
     return not saved["head"].get("residual") or "alpha" in saved.get("metadata", {})
 
@@ -97,6 +103,8 @@ class Run:
     seconds: float = 0.0
     losses: list = dataclasses.field(default_factory=list)
     kg_weight: float = 0.0  # train.kg_weight where the heads are residual (KgCoOp needs the text space), else 0
+    stale: int = 0  # epochs since the selection last improved (train.patience)
+    stopped: bool = False  # stopped early: trains no more epochs
 
 
 def _load_all(shard, batch_size: int = 8192) -> dict[str, np.ndarray]:
@@ -215,7 +223,7 @@ def train_loop(config: dict) -> dict:
         torch.manual_seed(tc.seed)
         model = ClipIta(HeadConfig(**spec["head"]))
         optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
-        history, best, start = [], float("inf"), 0
+        history, best, start, meta = [], float("inf"), 0, {}
         last = storage.join(spec["run_dir"], "last")
         if storage.exists(storage.join(last, "config.json")):  # resume: a restarted group, or a re-run
             model.load_state_dict(load_model(last).state_dict())
@@ -223,10 +231,11 @@ def train_loop(config: dict) -> dict:
             meta = load_metadata(last)
             history, best, start = meta["history"], meta["best"], meta["epoch"]
         runs.append(Run(spec["name"], spec["setting"], spec["batch"], spec["run_dir"], prepare_model(model),
-                        optimizer, history, best, start,
-                        kg_weight=tc.kg_weight if model.config.residual else 0.0))
+                        optimizer, history, best, start, kg_weight=tc.kg_weight if model.config.residual else 0.0,
+                        stale=meta.get("stale", 0), stopped=meta.get("stopped", False)))
     if rank == 0 and any(r.start for r in runs):
         print(f"train: resuming {', '.join(f'{r.name} after epoch {r.start}' for r in runs if r.start)}")
+    device = next(runs[0].model.parameters()).device
     autocast = torch.bfloat16 if use_gpu else None
     loss_fn = ContrastiveLoss(tc.lam, tc.label_mask, gather=True)
     val_loss_fn = ContrastiveLoss(tc.lam, tc.label_mask, gather=False)
@@ -239,7 +248,9 @@ def train_loop(config: dict) -> dict:
         if config.get("fail_at_epoch") == epoch and rank == world - 1 and not os.path.exists(config["fail_marker"]):
             open(config["fail_marker"], "w").close()
             os._exit(1)  # test hook: a worker dies; FailureConfig restarts the group from the last checkpoint
-        active = [r for r in runs if r.start <= epoch]
+        active = [r for r in runs if r.start <= epoch and not r.stopped]
+        if not active:
+            break
         t_epoch, steps = time.time(), 0
         for r in active:
             r.losses, r.seconds = [], 0.0
@@ -279,11 +290,18 @@ def train_loop(config: dict) -> dict:
                               "attempt_start_epoch": r.start})  # where this (possibly restarted) group began
             improved = selection < r.best
             r.best = min(r.best, selection)
+            r.stale = 0 if improved else r.stale + 1
+            # rank 0 alone scores the validation split: its decision to stop a run is every rank's
+            stop = torch.tensor([float(tc.patience > 0 and r.stale >= tc.patience)], device=device)
+            if world > 1:
+                dist.broadcast(stop, src=0)
+            r.stopped = bool(stop.item())
             if rank == 0:
-                meta = {"epoch": epoch + 1, "history": r.history, "best": r.best, "name": r.name}
+                meta = {"epoch": epoch + 1, "history": r.history, "best": r.best, "name": r.name,
+                        "stale": r.stale, "stopped": r.stopped}
                 if improved:
                     save_checkpoint(storage.join(r.run_dir, "best"), inner, None, meta)
-                if (epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs:
+                if (epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs or r.stopped:
                     save_checkpoint(storage.join(r.run_dir, "last"), inner, r.optimizer, meta)
                 storage.write_json(storage.join(r.run_dir, "curve.json"), r.history)
             line.append(f"{r.name} {train_loss.item():.3f}/{val_loss:.3f} "
@@ -291,6 +309,10 @@ def train_loop(config: dict) -> dict:
         if rank == 0:
             print(f"train: epoch {epoch + 1}/{tc.epochs} {time.time() - t_epoch:.1f} s, {steps} steps; "
                   f"train/val loss, val R-prec seen/unseen/HM: {', '.join(line)}", flush=True)
+            done = [r for r in active if r.stopped]
+            if done:
+                print(f"train: {', '.join(r.name for r in done)} stopped early: no better validation "
+                      f"{tc.select} for {tc.patience} epochs (train.patience)", flush=True)
         ray.train.report({"epoch": epoch + 1})
     if rank == 0:  # after the loop, so a group restarted after the last epoch still does it (finished() checks)
         for r in runs:
@@ -326,7 +348,7 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
     for variant, setting in runs:
         rd = run_dir(workdir, variant, setting)
         if finished(workdir, variant, setting, tc.epochs):
-            log(f"train: {run_name(variant, setting)} already has {tc.epochs} epochs in {rd}; not training again")
+            log(f"train: {run_name(variant, setting)} is already trained in {rd}; not training again")
             out[run_name(variant, setting)] = storage.read_json(storage.join(rd, "stats.json"))
         else:
             todo.append((variant, setting))
@@ -399,6 +421,7 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
 
         best = load_metadata(storage.join(rd, "best"))
         stats = {"stage": "train", "run": spec["name"], "recipe": tc.recipe, "epochs": len(history),
+                 "stopped_early": len(history) < tc.epochs,
                  "train_products": n_train, "batch_size": spec["batch"], "workers": tc.workers,
                  "best_epoch": best.get("epoch"), "alpha": best.get("alpha"),
                  "best_val_rprec_hm": next((h.get("val_rprec_hm") for h in history if h["epoch"] == best.get("epoch")),

@@ -142,3 +142,26 @@ def test_residual_heads_with_loss_selection_and_no_alpha_search(ray_session, emb
     assert best["alpha"] == 1.0 and list(best["alpha_val_rprec_hm"]) == ["1.0"]
     assert all(h["tau"] == pytest.approx(1.0) for h in c)  # fixed
     assert load_model(best_checkpoint(work, "ita", "specific")).config.residual
+
+
+def test_a_run_stops_early_on_every_worker_and_counts_as_finished(ray_session, embedded_workdir, tmp_path):
+    """train.patience: rank 0 alone scores validation, so its decision must reach the other worker (else the
+    group hangs in a collective); the stopped run is finished for a re-run, and its α is still chosen."""
+    from clipita.checkpoint import load_metadata
+
+    work = workdir_with_features(embedded_workdir, tmp_path, "patience")
+    cfg = config(recipe="residual", tau=None, patience=1, epochs=8, workers=2, batch_size=16)
+    stats = train(work, "ita", "specific", cfg, log=lambda _: None)
+    hm = [h["val_rprec_hm"] for h in curve(work, "ita", "specific")]
+    best = 0  # replay the rule on the curve: stop at the first epoch that does not beat the best so far
+    for e in range(1, len(hm)):
+        if hm[e] > hm[best]:
+            best = e
+        else:
+            break
+    assert len(hm) == min(8, e + 1) and stats["epochs"] == len(hm), hm
+    assert stats["stopped_early"] == (len(hm) < 8)
+    assert "alpha" in load_metadata(best_checkpoint(work, "ita", "specific"))
+    lines: list[str] = []
+    again = train(work, "ita", "specific", cfg, log=lines.append)
+    assert "not training again" in lines[0] and again == stats
