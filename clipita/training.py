@@ -395,6 +395,14 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
     log(f"train: {', '.join(s['name'] for s in specs)}: {n_train:,} train / {min(n_val, tc.val_rows):,} val "
         f"products, {tc.workers} workers x batch {'/'.join(map(str, sorted(set(batches.values()))))}, "
         f"{tc.epochs} epochs, shards {'cached in memory' if cache else 'streamed every epoch'}")
+    # CPU workers that reserve every CPU of the cluster starve the read tasks feeding them (a hang, not an error):
+    # keep one CPU free for the reads. Torch threads stay int(train.cpus_per_worker) (train_loop).
+    worker_cpus = tc.cpus_per_worker
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if tc.workers and not tc.use_gpu and cpus and tc.workers * worker_cpus > cpus - 1:
+        worker_cpus = max(0.1, (cpus - 1) / tc.workers)
+        log(f"train: {tc.workers} workers x {tc.cpus_per_worker:g} CPUs would leave no CPU of this "
+            f"{cpus:g}-CPU cluster to read the features; each worker reserves {worker_cpus:.2g}")
     fs, path = storage.arrow_filesystem(storage.join(workdir, "checkpoints"))
     trainer = TorchTrainer(
         train_loop,
@@ -403,7 +411,7 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
                            "fail_at_epoch": fail_at_epoch, "fail_marker": fail_marker},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu,
                                                resources_per_worker=None if tc.use_gpu or not tc.workers else
-                                               {"CPU": tc.cpus_per_worker}),
+                                               {"CPU": worker_cpus}),
         run_config=ray.train.RunConfig(
             name="ray-train", storage_path=path, storage_filesystem=fs if storage.is_remote(workdir) else None,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),

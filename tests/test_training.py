@@ -146,12 +146,15 @@ def test_residual_heads_with_loss_selection_and_no_alpha_search(ray_session, emb
 
 def test_a_run_stops_early_on_every_worker_and_counts_as_finished(ray_session, embedded_workdir, tmp_path):
     """train.patience: rank 0 alone scores validation, so its decision must reach the other worker (else the
-    group hangs in a collective); the stopped run is finished for a re-run, and its α is still chosen."""
+    group hangs in a collective); the stopped run is finished for a re-run, and its α is still chosen. Also: two
+    workers that would reserve all 4 CPUs of the session (and starve the reads feeding them) reserve less."""
     from clipita.checkpoint import load_metadata
 
     work = workdir_with_features(embedded_workdir, tmp_path, "patience")
-    cfg = config(recipe="residual", tau=None, patience=1, epochs=8, workers=2, batch_size=16)
-    stats = train(work, "ita", "specific", cfg, log=lambda _: None)
+    cfg = config(recipe="residual", tau=None, patience=1, epochs=8, workers=2, batch_size=16, cpus_per_worker=2)
+    log: list[str] = []
+    stats = train(work, "ita", "specific", cfg, log=log.append)
+    assert any("would leave no CPU" in line and "reserves 1.5" in line for line in log), log
     hm = [h["val_rprec_hm"] for h in curve(work, "ita", "specific")]
     best = 0  # replay the rule on the curve: stop at the first epoch that does not beat the best so far
     for e in range(1, len(hm)):
