@@ -12,10 +12,11 @@ scratch workdir's ``features/`` with ``embed.write_part``; throughput does not d
 the ``specific`` setting (``train.batch_size`` = B) and the CLIP-ITA variant.
 
 Rows: bare (B and 2B, each with torch's default threads and with 1 thread: ``--bare-threads``), then job runs
-(``--job``: comma-separated overrides; default 0 x B (local mode, in the driver), 1 x B, 1 x B with 2 torch
-threads, 1 x 2B, 2 x B). Benchmark keys in a ``--job``: ``bench.batch=N`` (per-worker batch),
-``bench.ray_cpus=N`` (``ray.init(num_cpus=N)``), ``bench.omp_threads=N`` (OMP_NUM_THREADS of the Ray workers,
-torch's thread count there: Ray sets it to a worker's CPU count, 1, unless given). Ray starts afresh for each
+(``--job``: comma-separated overrides; default 0 x B (local mode, in the driver), 1 x B, 1 x B with 1 torch
+thread, 1 x 2B, 2 x B). Benchmark keys in a ``--job``: ``bench.batch=N`` (per-worker batch),
+``bench.ray_cpus=N`` (``ray.init(num_cpus=N)``), ``bench.omp_threads=N`` (OMP_NUM_THREADS of the Ray workers;
+a worker sets its torch threads itself, ``train.torch_threads``). The bare loop trains the job's heads
+(``training.head_config``: the recipe's) with its loss, KgCoOp term included. Ray starts afresh for each
 job run, untimed. ``samples/s`` = global samples per second of the training steps alone (the job's own
 ``curve.json`` ``samples_per_s``), the best epoch after the first (warm-up; every epoch is listed); ``other s`` =
 the rest of the job's wall time: Ray Train start, dataset loading, validation loss and checkpoints every epoch.
@@ -109,7 +110,7 @@ def steady(rates: list[float]) -> float:
 def run_bare(workdir: str, cfg, batch: int, device: str, threads: int) -> dict:
     """The job's epoch loop without Ray: same arrays, permutation, model, loss, optimizer and train_step."""
     from clipita.loss import ContrastiveLoss
-    from clipita.model import ClipIta, HeadConfig, make_optimizer, train_step
+    from clipita.model import ClipIta, make_optimizer, train_step
 
     tc = cfg.train
     default_threads = torch.get_num_threads()
@@ -123,9 +124,9 @@ def run_bare(workdir: str, cfg, batch: int, device: str, threads: int) -> dict:
             "category": categories.text[cfg.data.query_text][categories.index(lab)],
             "label": np.unique(lab, return_inverse=True)[1].astype(np.int64)}
     torch.manual_seed(tc.seed)
-    model = ClipIta(HeadConfig(variant=VARIANT, image_dim=products.image.shape[1], text_dim=products.title.shape[1],
-                               hidden_dim=tc.hidden_dim, output_dim=tc.output_dim, dropout=tc.dropout, tau=tc.tau,
-                               learnable_tau=tc.learnable_tau)).to(device)
+    head = training.head_config(tc, VARIANT, products.image.shape[1], products.title.shape[1])  # the job's heads
+    model = ClipIta(head).to(device)
+    kg_weight = tc.kg_weight if head.residual else 0.0
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
     loss_fn = ContrastiveLoss(tc.lam, tc.label_mask, gather=False)
     autocast = torch.bfloat16 if device == "cuda" else None
@@ -138,7 +139,8 @@ def run_bare(workdir: str, cfg, batch: int, device: str, threads: int) -> dict:
         for s in range(steps):
             idx = perm[s * batch:(s + 1) * batch]
             train_step(model, loss_fn, optimizer, {k: torch.from_numpy(np.ascontiguousarray(v[idx]))
-                                                   for k, v in data.items()}, autocast_dtype=autocast)
+                                                   for k, v in data.items()}, autocast_dtype=autocast,
+                       kg_weight=kg_weight)
         seconds = time.perf_counter() - start
         train_seconds += seconds
         rates.append(steps * batch / seconds)
@@ -169,7 +171,7 @@ def run_job(workdir: str, cfg, ray_cpus: int, omp_threads: int | None) -> dict:
 
 # --------------------------------------------------------------------------------------------------- main
 
-DEFAULT_JOBS = ("train.workers=0", "train.workers=1", "train.workers=1,bench.omp_threads=2",
+DEFAULT_JOBS = ("train.workers=0", "train.workers=1", "train.workers=1,train.torch_threads=1",
                 "train.workers=1,bench.batch=2B", "train.workers=2")
 
 

@@ -171,7 +171,8 @@ class TrainConfig:
     #                                 recipe's (paper: 0; residual: 5)
     workers: int = 1  # Ray Train workers (data parallel; the loss sees the gathered global batch); 0 = in-process
     use_gpu: bool = False  # one GPU per worker, bf16 autocast
-    cpus_per_worker: float = 1.0  # CPUs a CPU worker reserves; also its torch thread count
+    cpus_per_worker: float = 1.0  # CPUs a CPU worker reserves
+    torch_threads: int = 0  # torch threads of a CPU worker; 0: the node's cores / its workers (at least cpus_per_worker)
     checkpoint_every: int = 5  # epochs between last/ checkpoints (model + optimizer); also after the final epoch
     cache_mb: int = 256  # a worker keeps its train shard in memory when it fits, else re-reads it every epoch (0: never)
     shuffle_rows: int = 20000  # local shuffle buffer of a streamed (uncached) shard
@@ -201,6 +202,7 @@ class TrainConfig:
         _check_range("train.dropout", self.dropout, 0.0, 0.99)
         _check_range("train.max_failures", self.max_failures, 0, 1000)
         _check_range("train.cpus_per_worker", self.cpus_per_worker, 0.1, 1024)
+        _check_range("train.torch_threads", self.torch_threads, 0, 1024)
         _check_range("train.cache_mb", self.cache_mb, 0, 10**7)
         _check_range("train.kg_weight", self.kg_weight, 0.0, 1000.0)
         _check_range("train.patience", self.patience, 0, 100000)

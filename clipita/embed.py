@@ -201,10 +201,9 @@ def _append(out: dict[str, list], row: dict) -> None:
 def torch_threads(cfg: EmbedConfig) -> int:
     """Threads of a CPU encoder: ``embed.torch_threads``, else this node's cores shared by the encoder actors (the
     read actors reserve little CPU and mostly wait on storage, so the cores they leave idle go to the encoder)."""
-    import os
+    from clipita.runtime import node_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cfg.torch_threads or max(1, int(cfg.cpus_per_actor), cores // cfg.max_actors)
+    return cfg.torch_threads or max(1, int(cfg.cpus_per_actor), node_cores() // cfg.max_actors)
 
 
 class EmbedParts:

@@ -37,6 +37,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, parse_overrides(args.set))
 
 
+def node_cores() -> int:
+    """The cores this process may run on (its affinity; all of the machine's otherwise)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def rejects_line(stats: dict, rejects_uri: str) -> str:
     """``N rejected (n1 reason1, n2 reason2): see URI`` for a converter's summary (most frequent reason first)."""
     reasons = ", ".join(f"{n:,} {kind}" for kind, n in sorted(stats["reasons"].items(), key=lambda kv: -kv[1]))

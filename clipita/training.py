@@ -215,8 +215,13 @@ def train_loop(config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = tc.use_gpu and torch.cuda.is_available()
-    if not use_gpu and tc.workers > 0 and tc.cpus_per_worker >= 1:  # local mode (0) keeps the driver's threads
-        torch.set_num_threads(int(tc.cpus_per_worker))  # Ray sets one OpenMP thread per reserved CPU otherwise
+    if not use_gpu and tc.workers > 0:  # local mode (0) keeps the driver's threads
+        from clipita.runtime import node_cores
+
+        # Ray sets one OpenMP thread per reserved CPU; the reads feeding the workers mostly wait (and a cached shard
+        # is read once), so the node's cores go to the workers on it
+        torch.set_num_threads(tc.torch_threads or max(1, int(tc.cpus_per_worker),
+                                                      node_cores() // ctx.get_local_world_size()))
     categories = torch.from_numpy(np.array(config["categories"], dtype=np.float32))  # writable copy: no warning
     runs: list[Run] = []
     for spec in config["runs"]:
@@ -396,7 +401,7 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
         f"products, {tc.workers} workers x batch {'/'.join(map(str, sorted(set(batches.values()))))}, "
         f"{tc.epochs} epochs, shards {'cached in memory' if cache else 'streamed every epoch'}")
     # CPU workers that reserve every CPU of the cluster starve the read tasks feeding them (a hang, not an error):
-    # keep one CPU free for the reads. Torch threads stay int(train.cpus_per_worker) (train_loop).
+    # keep one CPU free for the reads. Torch threads are train.torch_threads (train_loop).
     worker_cpus = tc.cpus_per_worker
     cpus = ray.cluster_resources().get("CPU", 0)
     if tc.workers and not tc.use_gpu and cpus and tc.workers * worker_cpus > cpus - 1:
