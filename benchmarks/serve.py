@@ -40,8 +40,10 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared machine.py beside this script
+sys.path.insert(0, HERE)  # the shared machine.py beside this script
 from machine import cpu, torch_device  # noqa: E402
+
+sys.path.remove(HERE)  # and out again, or this file shadows the serve package
 WARMUP = 50  # requests per mode before timing (first calls load lazily-initialised kernels)
 WORDS = ("vintage", "waterproof", "kids", "organic", "wireless", "leather", "compact", "summer", "gift", "travel")
 
