@@ -401,8 +401,8 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
     actor = ray.remote(num_cpus=0.5)(ShardBuilder)
     pool = [actor.remote(workdir, dims, b, shard_rows, ic) for b in range(builders)]
     results = ray.get([a.build.remote(it) for a, it in zip(pool, ds.streaming_split(builders, equal=False))])
-    for a in pool:
-        ray.kill(a)
+    del pool  # the builders exit on their own once their handles are gone (a ray.kill of finished builders once
+    #           left a GCS "Failed to kill actor" ERROR line in a submitted job's log)
     built = []
     for scope in SCOPES:
         entries = {g: [e for r in results for e in r[scope][g]] for g in dims}
