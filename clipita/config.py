@@ -220,12 +220,12 @@ class TrainConfig:
 class IndexConfig:
     """jobs.index: USearch HNSW shards of product vectors."""
 
-    shards: int = 0  # parallel shard builders (each writes >= 1 shard per model); 0 = one per 2 cluster CPUs
+    shards: int = 0  # most shard-building tasks at once; 0 = as many as the cluster's CPUs run
     builder_mb: int = 512  # vectors + graph a builder holds before it writes a shard: bounds its memory
     batch_size: int = 4096  # products per block through the vector stage
     vector_actors: int = 1  # most actors applying the models to the products (each loads every trained head)
     gpus_per_actor: float = 0.0  # GPUs per vector actor (0: CPU)
-    build_threads: int = 1  # threads per builder for HNSW inserts: 1 = the same graph every build, 0 = every core
+    build_threads: int = 1  # CPUs and insert threads per shard task: 1 = the same graph every build, 0 = every core
     dtype: str = "f16"  # stored vector precision: f32 | f16 | i8 (USearch quantisation); f16: half the RAM, recall
     #                     0.99+ at ef 64 (benchmarks/RESULTS.md "index")
     connectivity: int = 16  # HNSW M: graph degree

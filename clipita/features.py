@@ -25,12 +25,13 @@ BLOCK_BYTES = 32 * 2**20  # Ray Data block size for the feature streams (Ray's d
 COLUMNS = {"image": "image_emb", "title": "title_emb", "attributes": "attr_emb"}  # model input -> its column
 
 
-def vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-size-list column as a float32 (N, D) matrix."""
+def vectors(column: pa.ChunkedArray | pa.Array, keep_half: bool = False) -> np.ndarray:
+    """A fixed-size-list column as a float32 (N, D) matrix (float16 stays float16 with ``keep_half``)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    dtype = np.float16 if keep_half and arr.type.value_type == pa.float16() else np.float32
     if len(arr) == 0:
-        return np.zeros((0, arr.type.list_size), np.float32)
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1).astype(np.float32)
+        return np.zeros((0, arr.type.list_size), dtype)
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1).astype(dtype, copy=False)
 
 
 @dataclass
@@ -222,13 +223,15 @@ def _add(totals: dict, counters: dict) -> None:
 def model_rows(batch: pa.Table, labeler: Labeler, node_index: dict[str, int], split: str,
                keep_fraction: float = 1.0) -> dict[str, np.ndarray]:
     """Ray Data stage of jobs.train (here, in a module without torch: read tasks start light). One block of
-    feature rows -> the model inputs of its products in ``split``: float32 features and, per
+    feature rows -> the model inputs of its products in ``split``: features (float32, or float16 as stored) and, per
     setting, the label as a category number (``label_<setting>``). ``keep_fraction`` samples by a seeded hash."""
     ids, paths = batch.column("product_id").to_pylist(), batch.column("category_path").to_pylist()
     keep = np.array([labeler.split(p, path) == split and
                      (keep_fraction >= 1 or unit_hash(labeler.seed, "sample", p) < keep_fraction)
                      for p, path in zip(ids, paths)], dtype=bool)
-    out = {name: vectors(batch.column(column))[keep] for name, column in COLUMNS.items()}
+    # float16 features stay float16 through the object store and the shuffle buffer (half the bytes; the worker
+    # converts each batch to float32)
+    out = {name: vectors(batch.column(column), keep_half=True)[keep] for name, column in COLUMNS.items()}
     for s in SETTINGS:
         out[f"label_{s}"] = np.array([node_index[labeler.label(p, path, s)] for p, path, k in zip(ids, paths, keep)
                                       if k], dtype=np.int64)

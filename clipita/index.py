@@ -13,10 +13,11 @@ a scope has the same shards with the same rows, so a row position means the same
 rows are stored once. manifest.json is written last: a group without it is unfinished. A shard whose SHA-256 does
 not match the manifest refuses to load (``IndexIntegrityError``) instead of returning wrong neighbours.
 
-jobs.index (``build_indexes``): one Ray Data pass reads the features, an actor stage (``ProductVectors``, GPU when
-configured) applies every model to each block, and ``index.shards`` builder actors each take a slice of the
-stream (``streaming_split``), add it to their open shards and write a shard whenever it reaches the rows that fit
-``index.builder_mb``. The driver only writes the manifests: no vector and no product passes through it.
+jobs.index (``build_indexes``) runs two passes, so that no stage waits on a slower one. A Ray Data pass reads the
+features and an actor stage (``ProductVectors``, GPU when configured) applies every model to each block and writes
+it to a file under ``index/_vectors/``. Then one Ray task per shard builds it from its own slices of those files
+(shards of at most the rows that fit ``index.builder_mb``) and writes it. The driver holds the list of files and
+the shard plan: no vector and no product passes through it.
 """
 from __future__ import annotations
 
@@ -282,10 +283,12 @@ def dense_groups(workdir: str, settings) -> list[tuple[str, str | None]]:
 
 
 class ProductVectors:
-    """Ray Data actor stage: a block of feature rows -> its index rows, whether each is a test product, and every
-    dense model's product vector (``v:<group>`` columns). Trained heads load once per actor (GPU when it has one)."""
+    """Ray Data actor stage: a block of feature rows -> one vectors file under ``out_uri`` (its index rows, whether
+    each is a test product, and every dense model's product vector as ``v:<group>``), and one row describing it.
+    Trained heads load once per actor (GPU when it has one). Vectors are stored as float16 unless the index keeps
+    float32 (an f16 index gets the same values either way)."""
 
-    def __init__(self, workdir: str, groups: list[tuple[str, str | None]], labeler):
+    def __init__(self, workdir: str, groups: list[tuple[str, str | None]], labeler, out_uri: str, dtype: str):
         import torch
 
         from clipita.rankers import HeadRanker, load_ranker
@@ -295,49 +298,67 @@ class ProductVectors:
             for r in self.rankers.values():
                 if isinstance(r, HeadRanker):
                     r.to("cuda")
-        self.labeler = labeler
+        self.labeler, self.out_uri = labeler, out_uri
+        self.float = pa.float32() if dtype == "f32" else pa.float16()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        import uuid
+
         from clipita.features import Products
 
         products = Products.from_table(batch)
-        split = np.array([self.labeler.split(p, path) for p, path in zip(products.ids, products.paths)])
-        out = batch.select(ROW_COLUMNS).append_column("is_test", pa.array(split == "test"))
+        test = np.array([self.labeler.split(p, path) == "test" for p, path in zip(products.ids, products.paths)],
+                        dtype=bool)
+        out = batch.select(ROW_COLUMNS).append_column("is_test", pa.array(test))
         for g, ranker in self.rankers.items():
-            v = np.ascontiguousarray(ranker.product_vectors(products), dtype=np.float32)
+            v = np.asarray(ranker.product_vectors(products), dtype=self.float.to_pandas_dtype())
             out = out.append_column(f"v:{g}", pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1]))
-        return out
+        name = f"{uuid.uuid4().hex}.parquet"  # a retried block writes a new file; only the returned ones are read
+        storage.write_parquet(storage.join(self.out_uri, name), out)
+        return pa.table({"file": [name], "rows": [batch.num_rows], "test_rows": [int(test.sum())],
+                         "first_id": [str(products.ids[0]) if len(products) else ""]})
 
 
-class ShardBuilder:
-    """A Ray actor that consumes one slice of the vector stream into shards of both scopes."""
+def plan_shards(files: list[tuple[str, int]], shard_rows: int) -> list[list[tuple[str, int, int]]]:
+    """Cut files of (name, rows) in this order into as few shards of at most ``shard_rows`` rows as hold them, of
+    equal size (± 1 row's worth of rounding): each shard is a list of (file, start, stop) slices, rows counted within
+    the file."""
+    total = sum(rows for _, rows in files)
+    if total:
+        shard_rows = -(-total // -(-total // shard_rows))  # ceil(total / number of shards)
+    shards: list[list[tuple[str, int, int]]] = []
+    current: list[tuple[str, int, int]] = []
+    room = shard_rows
+    for name, rows in files:
+        start = 0
+        while start < rows:
+            take = min(room, rows - start)
+            current.append((name, start, start + take))
+            start, room = start + take, room - take
+            if room == 0:
+                shards.append(current)
+                current, room = [], shard_rows
+    if current:
+        shards.append(current)
+    return shards
 
-    def __init__(self, workdir: str, groups: dict[str, int], builder: int, shard_rows: int, ic):
-        self.shard_rows = shard_rows
-        self.writers = {scope: ShardWriter(storage.join(workdir, "index", scope), groups, f"b{builder:03d}",
-                                           ic.dtype, ic.connectivity, ic.expansion_add, threads=ic.build_threads)
-                        for scope in SCOPES}
 
-    def build(self, stream) -> dict:
-        from clipita.features import vectors
+def _build_shard(scope_uri: str, vectors_uri: str, slices: list[tuple[str, int, int]], groups: dict[str, int],
+                 shard_no: int, test_only: bool, ic) -> dict[str, dict]:
+    """Ray task: one shard per group from its own slices of the vectors files, read one file at a time."""
+    from clipita.features import read_table, vectors
 
-        for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
-            test = batch.column("is_test").to_numpy(zero_copy_only=False)
-            for scope, keep in (("all", None), ("test", test)):
-                part = batch if keep is None else batch.filter(pa.array(keep))
-                if part.num_rows == 0:
-                    continue
-                writer, start = self.writers[scope], 0
-                while start < part.num_rows:  # a block may straddle a shard boundary
-                    piece = part.slice(start, self.shard_rows - writer.count)
-                    writer.add(piece.select(ROW_COLUMNS),
-                               {g: vectors(piece.column(f"v:{g}")) for g in writer.groups})
-                    start += piece.num_rows
-                    if writer.count >= self.shard_rows:
-                        writer.flush()
-        for writer in self.writers.values():
-            writer.flush()
-        return {scope: w.entries for scope, w in self.writers.items()}
+    writer = ShardWriter(scope_uri, groups, "shard", ic.dtype, ic.connectivity, ic.expansion_add,
+                         shard_no=shard_no, threads=ic.build_threads)
+    for name, start, stop in slices:
+        t = read_table(storage.join(vectors_uri, name))
+        if test_only:
+            t = t.filter(t.column("is_test"))
+        t = t.slice(start, stop - start)
+        writer.add(t.select(ROW_COLUMNS), {g: vectors(t.column(f"v:{g}")) for g in groups})
+        del t
+    writer.flush()
+    return {g: e[0] for g, e in writer.entries.items()}
 
 
 def vector_dims(workdir: str, model: str, setting: str | None) -> int:
@@ -361,8 +382,7 @@ def rows_per_shard(ic, dims) -> int:
 
 
 def default_builders() -> int:
-    """Shard builders when index.shards is 0, and evaluation's ranking actors: one per two CPUs of the cluster (the
-    stage feeding them needs the rest)."""
+    """Evaluation's ranking actors: one per two CPUs of the cluster (the stage feeding them needs the rest)."""
     import ray
 
     return max(1, min(8, int(ray.cluster_resources().get("CPU", 2)) // 2))
@@ -370,7 +390,11 @@ def default_builders() -> int:
 
 def build_indexes(workdir: str, cfg, log=print) -> dict:
     """jobs.index: every dense model's product vectors, for the test split (evaluation) and all products
-    (serving), into sharded USearch indexes. Returns the stats also written to index/stats.json."""
+    (serving), into sharded USearch indexes. Returns the stats also written to index/stats.json.
+
+    Two passes, so that no stage waits on a slower one: a Ray Data pass writes every block's vectors to files
+    under index/_vectors (the heads run once per product), then one Ray task per shard builds it from its own
+    slices of those files. The driver holds the list of files and the shard plan."""
     import ray
 
     import ray.data
@@ -384,34 +408,52 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
     labeler = labeler_for(workdir, cfg.data)
     groups = dense_groups(workdir, SETTINGS)
     dims = {group_name(m, s): vector_dims(workdir, m, s) for m, s in groups}
-    builders = ic.shards or default_builders()
     shard_rows = rows_per_shard(ic, dims.values())
-    log(f"index: {len(groups)} models x 2 scopes ({', '.join(dims)}), {builders} builders, shards of at most "
-        f"{shard_rows:,} products ({ic.dtype})")
-    fs, path = storage.filesystem(storage.join(workdir, "index"))
+    log(f"index: {len(groups)} models x 2 scopes ({', '.join(dims)}), shards of at most {shard_rows:,} products "
+        f"({ic.dtype})")
+    root = storage.join(workdir, "index")
+    fs, path = storage.filesystem(root)
     if fs.exists(path):  # a rebuild replaces everything: shards of an older run would not match the new rows
         fs.rm(path, recursive=True)
+    vectors_uri = storage.join(root, "_vectors")
 
     ds = products_dataset(workdir, stream_mb=cfg.data.stream_mb).map_batches(
-        ProductVectors, fn_constructor_args=(workdir, groups, labeler), batch_format="pyarrow",
+        ProductVectors, fn_constructor_args=(workdir, groups, labeler, vectors_uri, ic.dtype), batch_format="pyarrow",
         batch_size=ic.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ic.vector_actors),
-        num_cpus=0.5, num_gpus=ic.gpus_per_actor or None, udf_modifying_row_count=False)
-    # Half a CPU each for the vector actors and the builders: whatever the cluster's size, a whole CPU stays free
-    # for the parquet read tasks that feed them (with two whole-CPU actors a 2-CPU node deadlocks).
-    actor = ray.remote(num_cpus=0.5)(ShardBuilder)
-    pool = [actor.remote(workdir, dims, b, shard_rows, ic) for b in range(builders)]
-    results = ray.get([a.build.remote(it) for a, it in zip(pool, ds.streaming_split(builders, equal=False))])
-    del pool  # the builders exit on their own once their handles are gone (a ray.kill of finished builders once
-    #           left a GCS "Failed to kill actor" ERROR line in a submitted job's log)
+        num_cpus=0.5, num_gpus=ic.gpus_per_actor or None)
+    # files in a stable order (blocks by their first product id): the same rows give the same shards
+    files = sorted(ds.take_all(), key=lambda f: (f["first_id"], f["file"]))
+    t1 = time.time()
+    log(f"index: {sum(f['rows'] for f in files):,} products' vectors in {len(files)} files ({t1 - t0:.0f} s)")
+
+    plans = [(scope, no, slices) for scope in SCOPES
+             for no, slices in enumerate(plan_shards([(f["file"], f["rows" if scope == "all" else "test_rows"])
+                                                      for f in files], shard_rows))]
+    task = ray.remote(num_cpus=max(1, ic.build_threads))(_build_shard)
+    pending, entries, started = {}, {scope: {g: [] for g in dims} for scope in SCOPES}, 0
+    last_log = time.time()
+    while started < len(plans) or pending:
+        while started < len(plans) and (not ic.shards or len(pending) < ic.shards):
+            scope, no, slices = plans[started]
+            ref = task.remote(storage.join(root, scope), vectors_uri, slices, dims, no, scope == "test", ic)
+            pending[ref], started = scope, started + 1
+        done, _ = ray.wait(list(pending), num_returns=1)
+        scope = pending.pop(done[0])
+        for g, entry in ray.get(done[0]).items():
+            entries[scope][g].append(entry)
+        finished = started - len(pending)
+        if finished == len(plans) or time.time() - last_log > 30:
+            log(f"index: {finished}/{len(plans)} shards built ({time.time() - t1:.0f} s)")
+            last_log = time.time()
+    fs.rm(storage.filesystem(vectors_uri)[1], recursive=True)
+
     built = []
     for scope in SCOPES:
-        entries = {g: [e for r in results for e in r[scope][g]] for g in dims}
         meta = {group_name(m, s): {"model": m, "setting": s, "scope": scope} for m, s in groups}
-        for g, manifest in write_manifests(storage.join(workdir, "index", scope), dims, entries, meta,
-                                           ic.dtype).items():
+        for g, manifest in write_manifests(storage.join(root, scope), dims, entries[scope], meta, ic.dtype).items():
             built.append({"group": g, "scope": scope, "count": manifest["count"], "shards": len(manifest["shards"])})
         log(f"index: {scope}: {built[-1]['count']:,} products in {built[-1]['shards']} shards per model")
     stats = {"stage": "index", "groups": built, "seconds": round(time.time() - t0, 2), "dtype": ic.dtype,
-             "builders": builders, "shard_rows": shard_rows}
-    storage.write_json(storage.join(workdir, "index", "stats.json"), stats)
+             "shard_rows": shard_rows, "vector_seconds": round(t1 - t0, 2)}
+    storage.write_json(storage.join(root, "stats.json"), stats)
     return stats

@@ -391,7 +391,7 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
     cache = n_train / workers * row_bytes <= tc.cache_mb * 2**20
     columns = ["product_id", "category_path", *COLUMNS.values()]
     rows_fn = dict(labeler=labeler, node_index=node_index)
-    # batches of READ_ROWS: a task converts a few thousand rows to float32 at a time, whatever the files' size
+    # batches of READ_ROWS: a task labels a few thousand rows at a time, whatever the files' size
     train_ds = products_dataset(workdir, columns, cfg.data.stream_mb).map_batches(
         model_rows, fn_kwargs=dict(rows_fn, split="train"), batch_format="pyarrow", batch_size=READ_ROWS)
     val_ds = products_dataset(workdir, columns, cfg.data.stream_mb).map_batches(

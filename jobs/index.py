@@ -16,8 +16,8 @@ from clipita import index, runtime
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="jobs.index", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="workdir URI with features/ (and checkpoints/)")
-    parser.add_argument("--shards", type=int, help="parallel shard builders, each writing >= 1 shard per model "
-                                                   "(index.shards; 0 = one per 2 CPUs)")
+    parser.add_argument("--shards", type=int, help="most shards built at once (index.shards; 0 = as many as "
+                                                   "the cluster's CPUs run)")
     parser.add_argument("--dtype", choices=index.DTYPES, help="stored precision (index.dtype)")
     runtime.add_config_argument(parser)
     args = parser.parse_args(argv)

@@ -65,7 +65,7 @@ def test_a_corrupted_shard_is_refused(ray_session, tmp_path):
 
 def test_jobs_index_streams_into_several_shards_that_search_as_one(ray_session, embedded_workdir, demo_config,
                                                                     tmp_path):
-    """Builders write a shard whenever they hold index.builder_mb of vectors: tiny here, so several shards per
+    """Shards hold at most index.builder_mb of vectors and graph: tiny here, so several shards per
     scope; their union, searched by fan-out, equals exact search over every product."""
     import dataclasses
     import shutil
@@ -80,6 +80,7 @@ def test_jobs_index_streams_into_several_shards_that_search_as_one(ray_session, 
     stats = build_indexes(str(work), cfg, log=lambda *_: None)
     all_mpnet = next(g for g in stats["groups"] if g["group"] == "mpnet" and g["scope"] == "all")
     assert all_mpnet["shards"] >= 3 and all_mpnet["count"] == 600
+    assert not (work / "index" / "_vectors").exists()  # the vector files are gone once the shards are built
     index = ShardedIndex(group_dir(str(work), "all", "mpnet"))
     products, categories = load_products(str(work)), load_categories(str(work))
     assert sorted(index.ids) == sorted(products.ids)  # every product once
@@ -88,3 +89,15 @@ def test_jobs_index_streams_into_several_shards_that_search_as_one(ray_session, 
     exact = rank_scores(queries @ ranker.product_vectors(products).T, 10)
     found = index.search(queries, 10, ef=600)
     assert [list(index.ids[r]) for r in found.rows] == [list(products.ids[r]) for r in exact]
+
+
+def test_shard_plan_covers_every_row_once_in_equal_shards():
+    from clipita.index import plan_shards
+
+    files = [("a", 100), ("b", 0), ("c", 57), ("d", 23)]
+    plan = plan_shards(files, 70)
+    assert len(plan) == 3  # as few as hold 180 rows at <= 70 each, and equal: 60 each
+    assert [sum(stop - start for _, start, stop in s) for s in plan] == [60, 60, 60]
+    covered = [(name, row) for s in plan for name, start, stop in s for row in range(start, stop)]
+    assert covered == [(name, row) for name, n in files for row in range(n)]  # in order, each row once
+    assert plan_shards([("a", 0)], 10) == [] and plan_shards([("a", 5)], 10) == [[("a", 0, 5)]]
