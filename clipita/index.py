@@ -421,8 +421,13 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
         ProductVectors, fn_constructor_args=(workdir, groups, labeler, vectors_uri, ic.dtype), batch_format="pyarrow",
         batch_size=ic.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ic.vector_actors),
         num_cpus=0.5, num_gpus=ic.gpus_per_actor or None)
-    # files in a stable order (blocks by their first product id): the same rows give the same shards
-    files = sorted(ds.take_all(), key=lambda f: (f["first_id"], f["file"]))
+    files, last_log = [], time.time()
+    for f in ds.iter_rows():
+        files.append(f)
+        if time.time() - last_log > 30:
+            log(f"index: vectors of {sum(f['rows'] for f in files):,} products written ({time.time() - t0:.0f} s)")
+            last_log = time.time()
+    files.sort(key=lambda f: (f["first_id"], f["file"]))  # a stable order: the same rows give the same shards
     t1 = time.time()
     log(f"index: {sum(f['rows'] for f in files):,} products' vectors in {len(files)} files ({t1 - t0:.0f} s)")
 

@@ -132,8 +132,9 @@ def _epoch_batches(tc: TrainConfig, shard, cached: dict | None, loader_batch: in
 def _tensors(rows: dict[str, np.ndarray], setting: str, categories):
     import torch
 
-    labels = torch.from_numpy(np.ascontiguousarray(rows[f"label_{setting}"]))
-    out = {k: torch.from_numpy(np.ascontiguousarray(rows[k], dtype=np.float32)) for k in INPUTS}
+    # copies (np.array): a streamed batch's arrays are read-only views of the object store, which torch warns about
+    labels = torch.from_numpy(np.array(rows[f"label_{setting}"], dtype=np.int64))
+    out = {k: torch.from_numpy(np.array(rows[k], dtype=np.float32)) for k in INPUTS}
     return dict(out, category=categories[labels], label=labels)
 
 

@@ -36,7 +36,7 @@ def test_missing_file():
 
 def test_train_recipes_and_their_defaults():
     res, paper = load_config().train, load_config(None, {"train.recipe": "paper"}).train
-    assert res.recipe == "residual" and (res.tau, res.learnable_tau, res.label_mask) == (0.07, True, True)
+    assert res.recipe == "residual" and (res.tau, res.learnable_tau, res.label_mask) == (0.07, True, False)
     assert (paper.tau, paper.learnable_tau, paper.label_mask) == (1.0, False, False)  # PAPER.md
     # explicit values win over the recipe's, from YAML or the command line (strings)
     over = load_config(None, {"train.recipe": "paper", "train.tau": "0.1", "train.label_mask": "true",
