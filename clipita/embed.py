@@ -342,6 +342,7 @@ def run_embed(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
     import ray.data
 
     from clipita.encoders import image_preprocess_spec
+    from clipita.runtime import Every
 
     t0 = time.time()
     ec = cfg.embed
@@ -380,13 +381,12 @@ def run_embed(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
                             batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(min_size=ec.min_actors, max_size=ec.max_actors),
                             num_cpus=ec.cpus_per_actor, num_gpus=ec.gpus_per_actor or None)
-        last, total = time.time(), sum(expected.values())
+        every, total = Every(10), sum(expected.values())
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             used += pc.sum(batch.column("used")).as_py() or 0
             quarantined += pc.sum(batch.column("quarantined")).as_py() or 0
-            if time.time() - last > 10:
-                last = time.time()
-                log(f"embed: {used + quarantined}/{total} rows, {used / (last - t0):.1f} products/s")
+            if every():
+                log(f"embed: {used + quarantined}/{total} rows, {used / (time.time() - t0):.1f} products/s")
     seconds = time.time() - t0
     n_used, nodes, reasons = count_outputs(workdir)
     n_categories = None

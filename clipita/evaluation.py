@@ -27,7 +27,7 @@ import numpy as np
 
 from clipita import metrics, storage
 from clipita.features import census, labeler_for, load_categories, load_tree
-from clipita.index import IndexIntegrityError, ShardedIndex, default_builders, group_dir, group_name
+from clipita.index import IndexIntegrityError, ShardedIndex, group_dir, group_name
 from clipita.metrics import per_query_metrics
 from clipita.rankers import MODELS, TRAINED, Queries, load_ranker
 from clipita.tree import SEP, SETTINGS
@@ -247,7 +247,8 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
     # their top-k. Where CPUs allow, whole replicas of the partition set take batches in turn.
     parts = partitions([e["count"] for e in manifest["shards"]], cfg.evaluate.ranker_rows)
     cpus = ray.cluster_resources().get("CPU", 2)
-    replicas = max(1, default_builders() // len(parts))
+    # one ranking actor per two CPUs (at most 8): the merges and the driver need the rest
+    replicas = max(1, min(8, int(cpus) // 2) // len(parts))
     per_actor = round(max(0.01, min(1.0, max(1.0, cpus - 1) / (len(parts) * replicas))), 2)  # merges need a CPU
     groups = [[ray.remote(num_cpus=per_actor)(QueryRanker).remote(workdir, labeler, node_index, (a, b), base)
                for a, b, base in parts] for _ in range(replicas)]

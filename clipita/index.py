@@ -299,7 +299,7 @@ class ProductVectors:
                 if isinstance(r, HeadRanker):
                     r.to("cuda")
         self.labeler, self.out_uri = labeler, out_uri
-        self.float = pa.float32() if dtype == "f32" else pa.float16()
+        self.dtype = np.float32 if dtype == "f32" else np.float16
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import uuid
@@ -311,7 +311,7 @@ class ProductVectors:
                         dtype=bool)
         out = batch.select(ROW_COLUMNS).append_column("is_test", pa.array(test))
         for g, ranker in self.rankers.items():
-            v = np.asarray(ranker.product_vectors(products), dtype=self.float.to_pandas_dtype())
+            v = np.asarray(ranker.product_vectors(products), dtype=self.dtype)
             out = out.append_column(f"v:{g}", pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1]))
         name = f"{uuid.uuid4().hex}.parquet"  # a retried block writes a new file; only the returned ones are read
         storage.write_parquet(storage.join(self.out_uri, name), out)
@@ -381,13 +381,6 @@ def rows_per_shard(ic, dims) -> int:
     return max(100, ic.builder_mb * 2**20 // (2 * per_row))
 
 
-def default_builders() -> int:
-    """Evaluation's ranking actors: one per two CPUs of the cluster (the stage feeding them needs the rest)."""
-    import ray
-
-    return max(1, min(8, int(ray.cluster_resources().get("CPU", 2)) // 2))
-
-
 def build_indexes(workdir: str, cfg, log=print) -> dict:
     """jobs.index: every dense model's product vectors, for the test split (evaluation) and all products
     (serving), into sharded USearch indexes. Returns the stats also written to index/stats.json.
@@ -400,6 +393,7 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
     import ray.data
 
     from clipita.features import labeler_for, products_dataset
+    from clipita.runtime import Every
     from clipita.tree import SETTINGS
 
     t0 = time.time()
@@ -421,22 +415,21 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
         ProductVectors, fn_constructor_args=(workdir, groups, labeler, vectors_uri, ic.dtype), batch_format="pyarrow",
         batch_size=ic.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ic.vector_actors),
         num_cpus=0.5, num_gpus=ic.gpus_per_actor or None)
-    files, last_log = [], time.time()
+    files, written, every = [], 0, Every(30)
     for f in ds.iter_rows():
         files.append(f)
-        if time.time() - last_log > 30:
-            log(f"index: vectors of {sum(f['rows'] for f in files):,} products written ({time.time() - t0:.0f} s)")
-            last_log = time.time()
+        written += f["rows"]
+        if every():
+            log(f"index: vectors of {written:,} products written ({time.time() - t0:.0f} s)")
     files.sort(key=lambda f: (f["first_id"], f["file"]))  # a stable order: the same rows give the same shards
     t1 = time.time()
-    log(f"index: {sum(f['rows'] for f in files):,} products' vectors in {len(files)} files ({t1 - t0:.0f} s)")
+    log(f"index: {written:,} products' vectors in {len(files)} files ({t1 - t0:.0f} s)")
 
     plans = [(scope, no, slices) for scope in SCOPES
              for no, slices in enumerate(plan_shards([(f["file"], f["rows" if scope == "all" else "test_rows"])
                                                       for f in files], shard_rows))]
     task = ray.remote(num_cpus=max(1, ic.build_threads))(_build_shard)
-    pending, entries, started = {}, {scope: {g: [] for g in dims} for scope in SCOPES}, 0
-    last_log = time.time()
+    pending, entries, started, every = {}, {scope: {g: [] for g in dims} for scope in SCOPES}, 0, Every(30)
     while started < len(plans) or pending:
         while started < len(plans) and (not ic.shards or len(pending) < ic.shards):
             scope, no, slices = plans[started]
@@ -447,9 +440,8 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
         for g, entry in ray.get(done[0]).items():
             entries[scope][g].append(entry)
         finished = started - len(pending)
-        if finished == len(plans) or time.time() - last_log > 30:
+        if every(force=finished == len(plans)):
             log(f"index: {finished}/{len(plans)} shards built ({time.time() - t1:.0f} s)")
-            last_log = time.time()
     fs.rm(storage.filesystem(vectors_uri)[1], recursive=True)
 
     built = []

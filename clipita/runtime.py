@@ -37,6 +37,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, parse_overrides(args.set))
 
 
+class Every:
+    """``every()`` is True at most once per ``seconds`` (``force`` for the last line): progress lines of long loops."""
+
+    def __init__(self, seconds: float):
+        import time
+
+        self.seconds, self.clock = seconds, time.monotonic
+        self.last = self.clock()
+
+    def __call__(self, force: bool = False) -> bool:
+        if force or self.clock() - self.last > self.seconds:
+            self.last = self.clock()
+            return True
+        return False
+
+
 def node_cores() -> int:
     """The cores this process may run on (its affinity; all of the machine's otherwise)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
