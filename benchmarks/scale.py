@@ -9,11 +9,13 @@ reported apart.
     python benchmarks/scale.py --products 100000 --stages train,index,evaluate
     python benchmarks/scale.py --embed 5000,20000 --products ""  # embed only: driver RSS over catalogue size
 
-Goal (issue "no process holds the catalogue"): the driver's and the largest worker's peak RSS flat in N (at most
-1.5 GB, within 25% from 100k to 1M) and wall time at most linear. RSS counts pages a process touched, Ray's
-shared-memory object store included (bounded by ``data.stream_mb`` per stream), so the figures are an upper bound
-on its private memory. Each cell gives RSS (private / object store): RssAnon, the process's own memory, and
-RssShmem, object-store pages it has mapped; the rest of RSS is libraries' code.
+Goal (issue "no process holds the catalogue"): the driver's and the largest worker's peak memory flat in N (at most
+1.5 GB, within 25% from 100k to 1M) and wall time at most linear. RSS counts every page a process has mapped, the
+pages of Ray's shared-memory object store it read blocks from included: the same pages count again in every
+worker that maps them, and stay counted after the objects are freed. Ray's memory guide measures a worker's heap
+as RSS minus shared memory for that reason, and so does the ``heap`` column here (RSS - RssShmem: the process's
+own memory and its libraries' code). Each cell gives RSS (private / object store): RssAnon, the process's own
+memory, and RssShmem, object-store pages it has mapped; the rest of RSS is libraries' code.
 
 Prints the machine, the date, the command and one markdown table for benchmarks/RESULTS.md.
 """
@@ -75,7 +77,7 @@ class Sampler(threading.Thread):
     def __init__(self, pid: int, every: float = 0.5):
         super().__init__(daemon=True)
         self.pid, self.every, self.stop = pid, every, threading.Event()
-        self.peak: dict[int, tuple[int, int, int, str]] = {}  # pid -> (rss, private, shmem, name)
+        self.peak: dict[int, tuple[int, int, int, str, int]] = {}  # pid -> (rss, private, shmem, name, heap)
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -83,13 +85,14 @@ class Sampler(threading.Thread):
                 m = _memory(pid)
                 if m is None:
                     continue
-                old = self.peak.get(pid, (0, 0, 0, m[3]))
-                self.peak[pid] = (max(m[0], old[0]), max(m[1], old[1]), max(m[2], old[2]), m[3])
+                old = self.peak.get(pid, (0, 0, 0, m[3], 0))
+                self.peak[pid] = (max(m[0], old[0]), max(m[1], old[1]), max(m[2], old[2]), m[3],
+                                  max(m[0] - m[2], old[4]))
             time.sleep(self.every)
 
     def roles(self) -> dict[str, tuple[int, int, int, str]]:
-        """Per role, the process of the highest peak RSS; for workers also ``worker_private``, the one of the
-        highest private peak (not always the same process)."""
+        """Per role, the process of the highest peak RSS; for workers also ``worker_heap``, the one of the highest
+        peak of RSS minus object-store pages (not always the same process)."""
         out: dict[str, tuple[int, int, int, str]] = {}
         for pid, peak in self.peak.items():
             name = peak[3]
@@ -97,8 +100,8 @@ class Sampler(threading.Thread):
                                                       "daemon" if any(d in name for d in DAEMONS) else "other")
             if role not in out or peak[0] > out[role][0]:
                 out[role] = peak
-            if role == "worker" and ("worker_private" not in out or peak[1] > out["worker_private"][1]):
-                out["worker_private"] = peak
+            if role == "worker" and ("worker_heap" not in out or peak[4] > out["worker_heap"][4]):
+                out["worker_heap"] = peak
         return out
 
 
@@ -121,6 +124,11 @@ def run_stage(args: list[str], log_path: str) -> dict:
 def gb(x: tuple | None) -> str:
     """RSS (private / object store) in GB."""
     return "-" if x is None else f"{x[0] / 2**30:.2f} ({x[1] / 2**30:.2f} / {x[2] / 2**30:.2f})"
+
+
+def heap(x: tuple | None) -> str:
+    """Peak RSS minus object-store pages, in GB."""
+    return "-" if x is None else f"{x[4] / 2**30:.2f}"
 
 
 def who(x: tuple | None) -> str:
@@ -160,8 +168,8 @@ def main() -> None:
             r = run_stage(cmd + overrides, os.path.join(args.root, f"{stage}-{n}.log"))
             rows.append((n, stage, r))
             print(f"scale: {n:,} {stage}: {r['seconds']:.0f} s, driver {gb(r.get('driver'))} GB, "
-                  f"largest worker {gb(r.get('worker'))} GB ({who(r.get('worker'))}), largest private "
-                  f"{gb(r.get('worker_private'))} GB ({who(r.get('worker_private'))})", flush=True)
+                  f"largest worker {gb(r.get('worker'))} GB ({who(r.get('worker'))}), largest heap "
+                  f"{heap(r.get('worker_heap'))} GB ({who(r.get('worker_heap'))})", flush=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     for n in [int(x) for x in args.embed.split(",") if x]:
@@ -180,15 +188,16 @@ def main() -> None:
     print(f"machine: {cpu()}; load average {os.getloadavg()[0]:.1f}; {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(f"command: python benchmarks/scale.py {' '.join(sys.argv[1:])}")
     print()
-    print("GB: peak RSS (private / object store); private = RssAnon, object store = RssShmem (Ray's shared memory).")
+    print("GB: peak RSS (private / object store); private = RssAnon, object store = RssShmem (Ray's shared memory); "
+          "heap = peak of RSS - RssShmem.")
     print()
     print("| products | stage | wall s | s per 100k | driver | largest worker | that worker | "
-          "largest private worker | that worker | Ray daemons |")
+          "largest worker heap | that worker | Ray daemons |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, stage, r in rows:
         print(f"| {n:,} | {stage} | {r['seconds']:.0f} | {r['seconds'] / n * 1e5:.1f} | {gb(r.get('driver'))} | "
-              f"{gb(r.get('worker'))} | {who(r.get('worker'))} | {gb(r.get('worker_private'))} | "
-              f"{who(r.get('worker_private'))} | {gb(r.get('daemon'))} |")
+              f"{gb(r.get('worker'))} | {who(r.get('worker'))} | {heap(r.get('worker_heap'))} | "
+              f"{who(r.get('worker_heap'))} | {gb(r.get('daemon'))} |")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ counts (``census``). ``load_products`` (everything in one process) is for small 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -94,9 +95,78 @@ def vector_width(workdir: str, column: str) -> int:
     return pq.read_schema(path, filesystem=fs).field(column).type.list_size
 
 
-def products_dataset(workdir: str, columns: list[str] | None = None, stream_mb: int = 0):
-    """The products as a Ray dataset (blocks stream; nothing is gathered on the driver). Blocks of at most
-    BLOCK_BYTES: a task or actor holds a few of them, so its memory does not depend on how the files were cut.
+READ_TASK_ROWS = 32768  # rows per read task of products_dataset (whole row groups; one group may be larger)
+READ_BATCH_ROWS = 4096  # rows a read task decodes at a time
+READ_BUFFER = 2**20  # bytes a read task buffers per column stream
+
+
+def _read_row_groups(uri: str, row_groups: list[int], columns: list[str] | None, transform=None) -> Iterator:
+    """One read task of products_dataset: row groups of one file, READ_BATCH_ROWS at a time through buffered
+    column streams (no pre-buffering of whole row groups, no read-ahead): a task's memory is a few batches, whatever
+    the row groups' size. ``transform``: table -> table or dict of numpy columns, applied to each batch."""
+    from ray.data.block import BlockAccessor
+
+    fs, path = storage.arrow_filesystem(uri)
+    with fs.open_input_file(path) as f:
+        for batch in pq.ParquetFile(f, buffer_size=READ_BUFFER, pre_buffer=False).iter_batches(
+                batch_size=READ_BATCH_ROWS, row_groups=row_groups, columns=columns, use_threads=False):
+            table = pa.Table.from_batches([batch])
+            yield table if transform is None else BlockAccessor.batch_to_block(transform(table))
+
+
+class FeatureSource:
+    """Ray Data datasource of the products' parquet files: one read task per run of whole row groups of one file
+    (about READ_TASK_ROWS rows), planned on the driver from the files' footers (per file and row group, never per
+    product). Ray's own parquet reader pre-buffers whole row groups and reads batches ahead: 0.6-0.8 GB per read
+    task on production-width rows; this one holds about READ_BATCH_ROWS rows (benchmarks/RESULTS.md, scale)."""
+
+    def __init__(self, files: list[str], columns: list[str] | None = None, transform=None):
+        self.columns, self.transform, self.units, self.bytes = columns, transform, [], 0
+        for uri in files:
+            fs, path = storage.arrow_filesystem(uri)
+            with fs.open_input_file(path) as f:
+                meta = pq.ParquetFile(f).metadata
+            names = set(columns or [])
+            group, rows, size = [], 0, 0
+            for i in range(meta.num_row_groups):
+                rg = meta.row_group(i)
+                group.append(i)
+                rows += rg.num_rows
+                size += sum(rg.column(c).total_uncompressed_size for c in range(rg.num_columns)
+                            if not names or rg.column(c).path_in_schema.split(".")[0] in names)
+                if rows >= READ_TASK_ROWS or i == meta.num_row_groups - 1:
+                    self.units.append((uri, group, rows, size))
+                    self.bytes += size
+                    group, rows, size = [], 0, 0
+
+    def datasource(self):
+        """The ray.data.Datasource (built here: clipita.features imports without Ray)."""
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import Datasource, ReadTask
+
+        units, columns, transform, total = self.units, self.columns, self.transform, self.bytes
+
+        class _Source(Datasource):
+            def estimate_inmemory_data_size(self) -> int:
+                return total
+
+            def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+                return [ReadTask(lambda u=uri, g=groups: _read_row_groups(u, g, columns, transform),
+                                 BlockMetadata(num_rows=rows, size_bytes=size, input_files=[uri], exec_stats=None),
+                                 per_task_row_limit=per_task_row_limit)
+                        for uri, groups, rows, size in units]
+
+            def get_name(self) -> str:
+                return "Features"
+
+        return _Source()
+
+
+def products_dataset(workdir: str, columns: list[str] | None = None, stream_mb: int = 0, transform=None):
+    """The products as a Ray dataset (blocks stream; nothing is gathered on the driver): FeatureSource read tasks,
+    blocks of at most BLOCK_BYTES, so a task or actor holds a few of them whatever the files' layout.
+    ``transform`` (a picklable function of a pyarrow table) runs on each batch in the read task itself: no second
+    pass through the object store.
     ``stream_mb`` (data.stream_mb) caps the object-store memory the stream fills per node: a worker maps every
     object-store page a block passed through, so without a cap its RSS grows with the catalogue up to the size
     of the object store."""
@@ -109,10 +179,7 @@ def products_dataset(workdir: str, columns: list[str] | None = None, stream_mb: 
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
             object_store_memory=stream_mb * 2**20 * max(1, nodes))
-    files = product_files(workdir)
-    fs, _ = storage.arrow_filesystem(files[0])
-    paths = [storage.filesystem(f)[1] for f in files]
-    return ray.data.read_parquet(paths, columns=columns, filesystem=fs)
+    return ray.data.read_datasource(FeatureSource(product_files(workdir), columns, transform).datasource())
 
 
 @dataclass

@@ -34,6 +34,7 @@ most ``train.val_rows`` products) is read by worker 0 only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 
@@ -46,7 +47,6 @@ from clipita.features import COLUMNS, model_rows
 from clipita.tree import SETTINGS
 
 INPUTS = ("image", "title", "attributes")
-READ_ROWS = 4096  # rows per batch of the read-and-label stage
 
 
 def run_name(variant: str, setting: str) -> str:
@@ -392,12 +392,11 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
     cache = n_train / workers * row_bytes <= tc.cache_mb * 2**20
     columns = ["product_id", "category_path", *COLUMNS.values()]
     rows_fn = dict(labeler=labeler, node_index=node_index)
-    # batches of READ_ROWS: a task labels a few thousand rows at a time, whatever the files' size
-    train_ds = products_dataset(workdir, columns, cfg.data.stream_mb).map_batches(
-        model_rows, fn_kwargs=dict(rows_fn, split="train"), batch_format="pyarrow", batch_size=READ_ROWS)
-    val_ds = products_dataset(workdir, columns, cfg.data.stream_mb).map_batches(
-        model_rows, fn_kwargs=dict(rows_fn, split="val", keep_fraction=min(1.0, tc.val_rows / max(1, n_val))),
-        batch_format="pyarrow", batch_size=READ_ROWS)
+    # labels computed in the read tasks, a batch of features.READ_BATCH_ROWS at a time, whatever the files' size
+    train_ds = products_dataset(workdir, columns, cfg.data.stream_mb,
+                                functools.partial(model_rows, **rows_fn, split="train"))
+    val_ds = products_dataset(workdir, columns, cfg.data.stream_mb, functools.partial(
+        model_rows, **rows_fn, split="val", keep_fraction=min(1.0, tc.val_rows / max(1, n_val))))
     log(f"train: {', '.join(s['name'] for s in specs)}: {n_train:,} train / {min(n_val, tc.val_rows):,} val "
         f"products, {tc.workers} workers x batch {'/'.join(map(str, sorted(set(batches.values()))))}, "
         f"{tc.epochs} epochs, shards {'cached in memory' if cache else 'streamed every epoch'}")

@@ -45,3 +45,42 @@ def test_census_of_ray_tasks_equals_counting_in_one_process(ray_session, embedde
         nodes = Counter(category_id(p[:d]) for p, m in zip(products.paths, mask) if m for d in range(1, len(p) + 1))
         assert counts.nodes[split] == dict(nodes)
     assert counts.split_size("test") == int((labels.split == "test").sum())
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_products_dataset_reads_every_row_once_in_tasks_of_whole_row_groups(ray_session, tmp_path, s3_bucket,
+                                                                           monkeypatch, remote):
+    """Files cut every which way (row groups smaller than a read task, one row group larger than one, an empty
+    file): each read task holds whole row groups of one file, and the dataset yields every row exactly once,
+    with the transform applied in the read task; on local disk and over the S3 protocol."""
+    import functools
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipita import features, storage
+
+    monkeypatch.setattr(features, "READ_TASK_ROWS", 1000)
+    monkeypatch.setattr(features, "READ_BATCH_ROWS", 256)
+    root = f"{s3_bucket}/work" if remote else str(tmp_path / "work")
+    cuts = {"part-0.parquet": (0, 3500, 300), "part-1.parquet": (3500, 6000, 2500), "part-2.parquet": (6000, 6000, 10)}
+    for name, (lo, hi, group) in cuts.items():
+        table = pa.table({"product_id": [f"p{i:05d}" for i in range(lo, hi)],
+                          "image_emb": pa.FixedSizeListArray.from_arrays(
+                              pa.array(np.arange(2 * lo, 2 * hi, dtype=np.float32)), 2)})
+        fs, path = storage.arrow_filesystem(storage.join(root, "features", "products", name))
+        fs.create_dir(path.rsplit("/", 1)[0])
+        pq.write_table(table, path, filesystem=fs, row_group_size=group)
+
+    source = features.FeatureSource(features.product_files(root), ["product_id", "image_emb"])
+    assert [(u[0].rsplit("/", 1)[1], u[2]) for u in source.units] == (
+        [("part-0.parquet", 1200)] * 2 + [("part-0.parquet", 1100), ("part-1.parquet", 2500), ("part-2.parquet", 0)])
+
+    def twice(table, factor):
+        return {"product_id": np.asarray(table.column("product_id").to_pylist()),
+                "double": features.vectors(table.column("image_emb"))[:, 0] * factor}
+
+    ds = features.products_dataset(root, ["product_id", "image_emb"], transform=functools.partial(twice, factor=2))
+    rows = {r["product_id"]: r["double"] for r in ds.iter_rows()}
+    assert len(rows) == 6000
+    assert all(rows[f"p{i:05d}"] == 4 * i for i in range(0, 6000, 97))
