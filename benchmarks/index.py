@@ -125,13 +125,14 @@ def bench_usearch(base, queries, efs, args, dtype: str) -> list[tuple[str, float
 def bench_clipita(base, queries, efs, args, folder: str, dtype: str) -> list[tuple[str, float, int, float,
                                                                                 np.ndarray]]:
     from clipita.config import IndexConfig
-    from clipita.index import ShardedIndex, build_group, rows_per_shard
+    from clipita.index import ShardedIndex, build_group, rows_per_shard, shard_count
 
     uri = os.path.join(folder, "clipita-index")
     ids = np.array([f"P{i:07d}" for i in range(len(base))], dtype=object)
-    # jobs.index's shards: as many rows as fit index.builder_mb (one model); every core builds (a task per shard,
-    # cores / shards threads each when there are fewer shards than cores)
-    shards = args.shards or -(-len(base) // rows_per_shard(IndexConfig(dtype=dtype), [base.shape[1]]))
+    # jobs.index's shards: as many rows as fit index.builder_mb (one model), a multiple of the cores when more than
+    # one; every core builds (a task per shard, cores / shards threads each when there are fewer shards than cores)
+    shards = args.shards or shard_count(len(base), rows_per_shard(IndexConfig(dtype=dtype), [base.shape[1]]),
+                                        os.cpu_count())
     threads = max(1, os.cpu_count() // shards)
     _, seconds = timed(lambda: build_group(uri, base, ids, {"model": "bench"}, shards, dtype,
                                            args.connectivity, args.expansion_add, threads))

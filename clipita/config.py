@@ -248,7 +248,7 @@ class IndexConfig:
 class EvaluateConfig:
     """jobs.evaluate: exact ranking of the test split by partitions of its index shards."""
 
-    ranker_rows: int = 250_000  # most test products one ranking actor holds: more products, more actors (top-k merged)
+    ranker_rows: int = 60_000  # most test products one ranking actor holds (~0.5 GB): more products, more actors
     recall_queries: int = 64  # queries per (setting, model) whose HNSW walk is checked against exact ranking
 
     def __post_init__(self) -> None:

@@ -114,6 +114,12 @@ def _read_row_groups(uri: str, row_groups: list[int], columns: list[str] | None,
             yield table if transform is None else BlockAccessor.batch_to_block(transform(table))
 
 
+def _footer(uri: str) -> pq.FileMetaData:
+    fs, path = storage.arrow_filesystem(uri)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).metadata
+
+
 class FeatureSource:
     """Ray Data datasource of the products' parquet files: one read task per run of whole row groups of one file
     (about READ_TASK_ROWS rows), planned on the driver from the files' footers (per file and row group, never per
@@ -121,23 +127,24 @@ class FeatureSource:
     task on production-width rows; this one holds about READ_BATCH_ROWS rows (benchmarks/RESULTS.md, scale)."""
 
     def __init__(self, files: list[str], columns: list[str] | None = None, transform=None):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.columns, self.transform, self.units, self.bytes = columns, transform, [], 0
-        for uri in files:
-            fs, path = storage.arrow_filesystem(uri)
-            with fs.open_input_file(path) as f:
-                meta = pq.ParquetFile(f).metadata
-            names = set(columns or [])
-            group, rows, size = [], 0, 0
-            for i in range(meta.num_row_groups):
-                rg = meta.row_group(i)
-                group.append(i)
-                rows += rg.num_rows
-                size += sum(rg.column(c).total_uncompressed_size for c in range(rg.num_columns)
-                            if not names or rg.column(c).path_in_schema.split(".")[0] in names)
-                if rows >= READ_TASK_ROWS or i == meta.num_row_groups - 1:
-                    self.units.append((uri, group, rows, size))
-                    self.bytes += size
-                    group, rows, size = [], 0, 0
+        names = set(columns or [])
+        with ThreadPoolExecutor(16) as pool:  # footers are small reads: on object storage, latency dominates
+            metas = pool.map(_footer, files)
+            for uri, meta in zip(files, metas):
+                group, rows, size = [], 0, 0
+                for i in range(meta.num_row_groups):
+                    rg = meta.row_group(i)
+                    group.append(i)
+                    rows += rg.num_rows
+                    size += sum(rg.column(c).total_uncompressed_size for c in range(rg.num_columns)
+                                if not names or rg.column(c).path_in_schema.split(".")[0] in names)
+                    if rows >= READ_TASK_ROWS or i == meta.num_row_groups - 1:
+                        self.units.append((uri, group, rows, size))
+                        self.bytes += size
+                        group, rows, size = [], 0, 0
 
     def datasource(self):
         """The ray.data.Datasource (built here: clipita.features imports without Ray)."""

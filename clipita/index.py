@@ -319,13 +319,20 @@ class ProductVectors:
                          "first_id": [str(products.ids[0]) if len(products) else ""]})
 
 
-def plan_shards(files: list[tuple[str, int]], shard_rows: int) -> list[list[tuple[str, int, int]]]:
-    """Cut files of (name, rows) in this order into as few shards of at most ``shard_rows`` rows as hold them, of
-    equal size (± 1 row's worth of rounding): each shard is a list of (file, start, stop) slices, rows counted within
-    the file."""
+def shard_count(total: int, shard_rows: int, parallel: int = 1) -> int:
+    """Shards for ``total`` rows: as few of at most ``shard_rows`` as hold them, and when that is more than one, a
+    multiple of ``parallel`` (the shard tasks that run at once), so that no core idles through a last round of
+    fewer shards than cores (5 shards on 2 cores run as 2 + 2 + 1; 6 as 2 + 2 + 2, each a sixth smaller)."""
+    k = max(1, -(-total // shard_rows))
+    return k if k == 1 or parallel <= 1 else -(-k // parallel) * parallel
+
+
+def plan_shards(files: list[tuple[str, int]], shard_rows: int, parallel: int = 1) -> list[list[tuple[str, int, int]]]:
+    """Cut files of (name, rows) in this order into ``shard_count`` shards of equal size (± 1 row's worth of
+    rounding): each shard is a list of (file, start, stop) slices, rows counted within the file."""
     total = sum(rows for _, rows in files)
     if total:
-        shard_rows = -(-total // -(-total // shard_rows))  # ceil(total / number of shards)
+        shard_rows = -(-total // shard_count(total, shard_rows, parallel))  # ceil(total / number of shards)
     shards: list[list[tuple[str, int, int]]] = []
     current: list[tuple[str, int, int]] = []
     room = shard_rows
@@ -425,9 +432,10 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
     t1 = time.time()
     log(f"index: {written:,} products' vectors in {len(files)} files ({t1 - t0:.0f} s)")
 
+    parallel = ic.shards or max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, ic.build_threads))
     plans = [(scope, no, slices) for scope in SCOPES
              for no, slices in enumerate(plan_shards([(f["file"], f["rows" if scope == "all" else "test_rows"])
-                                                      for f in files], shard_rows))]
+                                                      for f in files], shard_rows, parallel))]
     task = ray.remote(num_cpus=max(1, ic.build_threads))(_build_shard)
     pending, entries, started, every = {}, {scope: {g: [] for g in dims} for scope in SCOPES}, 0, Every(30)
     while started < len(plans) or pending:
