@@ -178,10 +178,10 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=512, help="vector width (default 512: CLIP ViT-B/32, the heads)")
     p.add_argument("--queries", type=int, default=1000, help="queries per (data, size) (default 1000)")
     p.add_argument("--ef", default="32,64,128,256",
-                   help="search ef values, faiss and USearch alike (default 32,64,128,256; clipita's is 64, "
+                   help="search ef values, faiss and USearch alike (default 32,64,128,256; clipita's is 128, "
                         "index.expansion_search)")
     p.add_argument("--connectivity", type=int, default=16, help="HNSW M (default 16, index.connectivity)")
-    p.add_argument("--expansion-add", type=int, default=128, help="ef_construction (default 128, index.expansion_add)")
+    p.add_argument("--expansion-add", type=int, default=64, help="ef_construction (default 64, index.expansion_add)")
     p.add_argument("--shards", type=int, default=0, help="clipita build_group shards, one single-threaded task "
                                                          "each (default 0: as jobs.index cuts them, by "
                                                          "index.builder_mb; fewer shards than cores get threads)")
