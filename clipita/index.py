@@ -320,11 +320,12 @@ class ProductVectors:
 
 
 def shard_count(total: int, shard_rows: int, parallel: int = 1) -> int:
-    """Shards for ``total`` rows: as few of at most ``shard_rows`` as hold them, and when that is more than one, a
-    multiple of ``parallel`` (the shard tasks that run at once), so that no core idles through a last round of
-    fewer shards than cores (5 shards on 2 cores run as 2 + 2 + 1; 6 as 2 + 2 + 2, each a sixth smaller)."""
+    """Shards for ``total`` rows: as few of at most ``shard_rows`` as hold them, and when that takes more than one
+    round of ``parallel`` shard tasks (those that run at once), a multiple of ``parallel``, so that no core idles
+    through a last round of fewer shards (5 shards on 2 cores run as 2 + 2 + 1; 6 as 2 + 2 + 2, each a sixth
+    smaller). Fewer shards than ``parallel`` stay as they are: a query walks every shard."""
     k = max(1, -(-total // shard_rows))
-    return k if k == 1 or parallel <= 1 else -(-k // parallel) * parallel
+    return k if k <= parallel else -(-k // parallel) * parallel
 
 
 def plan_shards(files: list[tuple[str, int]], shard_rows: int, parallel: int = 1) -> list[list[tuple[str, int, int]]]:

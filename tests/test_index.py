@@ -101,6 +101,6 @@ def test_shard_plan_covers_every_row_once_in_equal_shards():
     covered = [(name, row) for s in plan for name, start, stop in s for row in range(start, stop)]
     assert covered == [(name, row) for name, n in files for row in range(n)]  # in order, each row once
     assert plan_shards([("a", 0)], 10) == [] and plan_shards([("a", 5)], 10) == [[("a", 0, 5)]]
-    # two shard tasks at once: 3 shards would run as 2 + 1, so 4 of 45 rows; a single shard stays single
+    # two shard tasks at once: 3 shards would run as 2 + 1, so 4 of 45 rows; one round's worth stays as it is
     assert [sum(stop - start for _, start, stop in s) for s in plan_shards(files, 70, parallel=2)] == [45] * 4
-    assert len(plan_shards([("a", 5)], 10, parallel=2)) == 1
+    assert len(plan_shards(files, 70, parallel=4)) == 3 and len(plan_shards([("a", 5)], 10, parallel=2)) == 1
