@@ -126,10 +126,10 @@ class FeatureSource:
     product). Ray's own parquet reader pre-buffers whole row groups and reads batches ahead: 0.6-0.8 GB per read
     task on production-width rows; this one holds about READ_BATCH_ROWS rows (benchmarks/RESULTS.md, scale)."""
 
-    def __init__(self, files: list[str], columns: list[str] | None = None, transform=None):
+    def __init__(self, files: list[str], columns: list[str] | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.columns, self.transform, self.units, self.bytes = columns, transform, [], 0
+        self.columns, self.units, self.bytes = columns, [], 0
         names = set(columns or [])
         with ThreadPoolExecutor(16) as pool:  # footers are small reads: on object storage, latency dominates
             metas = pool.map(_footer, files)
@@ -146,12 +146,13 @@ class FeatureSource:
                         self.bytes += size
                         group, rows, size = [], 0, 0
 
-    def datasource(self):
-        """The ray.data.Datasource (built here: clipita.features imports without Ray)."""
+    def datasource(self, transform=None):
+        """The ray.data.Datasource, ``transform`` applied to each batch (built here: clipita.features imports
+        without Ray). One plan serves several datasets (jobs.train's train and validation streams)."""
         from ray.data.block import BlockMetadata
         from ray.data.datasource import Datasource, ReadTask
 
-        units, columns, transform, total = self.units, self.columns, self.transform, self.bytes
+        units, columns, total = self.units, self.columns, self.bytes
 
         class _Source(Datasource):
             def estimate_inmemory_data_size(self) -> int:
@@ -169,7 +170,7 @@ class FeatureSource:
         return _Source()
 
 
-def products_dataset(workdir: str, columns: list[str] | None = None, stream_mb: int = 0, transform=None):
+def products_dataset(source: FeatureSource, stream_mb: int = 0, transform=None):
     """The products as a Ray dataset (blocks stream; nothing is gathered on the driver): FeatureSource read tasks,
     blocks of at most BLOCK_BYTES, so a task or actor holds a few of them whatever the files' layout.
     ``transform`` (a picklable function of a pyarrow table) runs on each batch in the read task itself: no second
@@ -186,7 +187,7 @@ def products_dataset(workdir: str, columns: list[str] | None = None, stream_mb: 
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
             object_store_memory=stream_mb * 2**20 * max(1, nodes))
-    return ray.data.read_datasource(FeatureSource(product_files(workdir), columns, transform).datasource())
+    return ray.data.read_datasource(source.datasource(transform))
 
 
 @dataclass

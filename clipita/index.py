@@ -400,7 +400,7 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
 
     import ray.data
 
-    from clipita.features import labeler_for, products_dataset
+    from clipita.features import FeatureSource, labeler_for, product_files, products_dataset
     from clipita.runtime import Every
     from clipita.tree import SETTINGS
 
@@ -419,7 +419,7 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
         fs.rm(path, recursive=True)
     vectors_uri = storage.join(root, "_vectors")
 
-    ds = products_dataset(workdir, stream_mb=cfg.data.stream_mb).map_batches(
+    ds = products_dataset(FeatureSource(product_files(workdir)), cfg.data.stream_mb).map_batches(
         ProductVectors, fn_constructor_args=(workdir, groups, labeler, vectors_uri, ic.dtype), batch_format="pyarrow",
         batch_size=ic.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ic.vector_actors),
         num_cpus=0.5, num_gpus=ic.gpus_per_actor or None)

@@ -346,7 +346,8 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from clipita.features import census, labeler_for, load_categories, load_tree, products_dataset, vector_width
+    from clipita.features import (FeatureSource, census, labeler_for, load_categories, load_tree, product_files,
+                                  products_dataset, vector_width)
 
     tc = cfg.train
     workdir = storage.absolute(workdir)
@@ -393,9 +394,9 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
     columns = ["product_id", "category_path", *COLUMNS.values()]
     rows_fn = dict(labeler=labeler, node_index=node_index)
     # labels computed in the read tasks, a batch of features.READ_BATCH_ROWS at a time, whatever the files' size
-    train_ds = products_dataset(workdir, columns, cfg.data.stream_mb,
-                                functools.partial(model_rows, **rows_fn, split="train"))
-    val_ds = products_dataset(workdir, columns, cfg.data.stream_mb, functools.partial(
+    source = FeatureSource(product_files(workdir), columns)  # one plan (the files' footers) for both streams
+    train_ds = products_dataset(source, cfg.data.stream_mb, functools.partial(model_rows, **rows_fn, split="train"))
+    val_ds = products_dataset(source, cfg.data.stream_mb, functools.partial(
         model_rows, **rows_fn, split="val", keep_fraction=min(1.0, tc.val_rows / max(1, n_val))))
     log(f"train: {', '.join(s['name'] for s in specs)}: {n_train:,} train / {min(n_val, tc.val_rows):,} val "
         f"products, {tc.workers} workers x batch {'/'.join(map(str, sorted(set(batches.values()))))}, "

@@ -80,7 +80,7 @@ def test_products_dataset_reads_every_row_once_in_tasks_of_whole_row_groups(ray_
         return {"product_id": np.asarray(table.column("product_id").to_pylist()),
                 "double": features.vectors(table.column("image_emb"))[:, 0] * factor}
 
-    ds = features.products_dataset(root, ["product_id", "image_emb"], transform=functools.partial(twice, factor=2))
+    ds = features.products_dataset(source, transform=functools.partial(twice, factor=2))
     rows = {r["product_id"]: r["double"] for r in ds.iter_rows()}
     assert len(rows) == 6000
     assert all(rows[f"p{i:05d}"] == 4 * i for i in range(0, 6000, 97))
