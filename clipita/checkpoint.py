@@ -36,9 +36,8 @@ def save_checkpoint(uri: str, model: nn.Module, optimizer: torch.optim.Optimizer
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     storage.write_bytes(storage.join(uri, WEIGHTS), safetensors.torch.save(tensors))
     if optimizer is not None:
-        buf = io.BytesIO()
-        torch.save(optimizer.state_dict(), buf)
-        storage.write_bytes(storage.join(uri, OPTIMIZER), buf.getvalue())
+        with storage.open_output(storage.join(uri, OPTIMIZER)) as f:  # streamed: no copy of the state in memory
+            torch.save(optimizer.state_dict(), f)
     head = dataclasses.asdict(model.config)
     if not head["residual"]:  # plain heads: config.json exactly as before residual heads existed
         del head["residual"]

@@ -86,12 +86,17 @@ def read_bytes(uri: str) -> bytes:
         raise StorageError(f"not found: {uri}") from None
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def open_output(uri: str):
+    """A binary file at ``uri`` opened for writing (its local parent folders made): for writers that stream."""
     fs, path = filesystem(uri)
     parent = path.rsplit("/", 1)[0]
     if parent and not is_remote(uri):
         fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
+    return fs.open(path, "wb")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    with open_output(uri) as f:
         f.write(data)
 
 

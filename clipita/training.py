@@ -155,7 +155,7 @@ def harmonic_mean(seen: float, unseen: float) -> float:
 
 
 def val_retrieval(model, val: dict[str, np.ndarray], setting: str, categories, seen: np.ndarray,
-                  batch_size: int = 1024) -> dict[str, float]:
+                  batch_size: int = 256) -> dict[str, float]:
     """R-precision (%) of ranking the validation sample's products (exactly, dense) for each category labelling
     one of them in ``setting``, over seen (``seen[category]``: some train product carries it) and unseen queries,
     and their harmonic mean ``hm``. ``model`` is a ClipIta (not DDP-wrapped); its train/eval mode is kept."""
