@@ -143,11 +143,11 @@ def main() -> None:
     p.add_argument("--embed", default="", help="image catalogue sizes for jobs.embed, e.g. 5000,20000")
     p.add_argument("--root", default="/tmp/clipita-scale", help="where the workdirs go (kept between runs)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="config override for every stage (default: index.dtype=f16, "
-                        "data.unseen_fraction=0.1)")
+                   help="config override for every stage, after the benchmark's own index.dtype=f16 and "
+                        "data.unseen_fraction=0.1")
     p.add_argument("--keep", action="store_true", help="keep the workdirs (they are reused if present)")
     args = p.parse_args()
-    sets = args.set or ["index.dtype=f16", "data.unseen_fraction=0.1"]
+    sets = ["index.dtype=f16", "data.unseen_fraction=0.1", *args.set]  # a later --set of the same key wins
     overrides = [a for s in sets for a in ("--set", s)]
     os.makedirs(args.root, exist_ok=True)
     rows = []

@@ -48,7 +48,7 @@ class DataConfig:
     unseen_val_fraction: float = -1.0  # share of products under categories held out for validation; -1: half of
     #                                    unseen_fraction
     query_text: str = "name"  # "name" (the paper: last path element) or "path" ("Women > Shoes > Boots")
-    stream_mb: int = 512  # object-store memory a stage's product stream may fill per node (0: Ray Data's default)
+    stream_mb: int = 256  # object-store memory a stage's product stream may fill per node (0: Ray Data's default)
 
     def __post_init__(self) -> None:
         _check_range("data.val_fraction", self.val_fraction, 0.0, 0.9)

@@ -10,6 +10,7 @@ counts (``census``). ``load_products`` (everything in one process) is for small 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields
 from typing import Iterator
 
@@ -170,6 +171,37 @@ class FeatureSource:
         return _Source()
 
 
+def _idle_backoff():
+    """A Ray Data execution callback class, built on first use (this module does not import Ray).
+
+    Ray 2.60's scheduling loop spins while a stream is held back by its object-store budget (``data.stream_mb``):
+    ray.wait returns at once for tasks whose next output is ready but may not be read yet (ray#65060 describes
+    the spin). While its consumer trains or builds an index, that burned 0.6-0.7 core of a 2-core node in the
+    streaming_split coordinator (benchmarks/RESULTS.md scale). This sleeps 20 ms after a loop step in which
+    nothing moved: negligible latency against read tasks of a second or more."""
+    global _IdleBackoff
+    if _IdleBackoff is None:
+        from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+        class IdleBackoff(ExecutionCallback):
+            last = None
+
+            def on_execution_step(self, executor) -> None:
+                state = [(op.metrics.num_outputs_taken, op.metrics.num_task_outputs_generated,
+                          op.metrics.num_tasks_submitted, s.total_enqueued_input_blocks(),
+                          s.total_enqueued_output_blocks()) for op, s in (executor._topology or {}).items()]
+                if state == self.last:  # nothing moved since the last step: held back, or waiting on tasks
+                    time.sleep(IDLE_SLEEP_S)
+                self.last = state
+
+        _IdleBackoff = IdleBackoff  # a local class: Ray pickles it by value into the executor's process
+    return _IdleBackoff
+
+
+_IdleBackoff = None
+IDLE_SLEEP_S = 0.02
+
+
 def products_dataset(source: FeatureSource, stream_mb: int = 0, transform=None):
     """The products as a Ray dataset (blocks stream; nothing is gathered on the driver): FeatureSource read tasks,
     blocks of at most BLOCK_BYTES, so a task or actor holds a few of them whatever the files' layout.
@@ -183,6 +215,8 @@ def products_dataset(source: FeatureSource, stream_mb: int = 0, transform=None):
 
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = min(ctx.target_max_block_size or BLOCK_BYTES, BLOCK_BYTES)
+    if _idle_backoff() not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes = [*ctx.custom_execution_callback_classes, _idle_backoff()]
     if stream_mb:
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
