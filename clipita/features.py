@@ -187,9 +187,12 @@ def _idle_backoff():
             last = None
 
             def on_execution_step(self, executor) -> None:
-                state = [(op.metrics.num_outputs_taken, op.metrics.num_task_outputs_generated,
-                          op.metrics.num_tasks_submitted, s.total_enqueued_input_blocks(),
-                          s.total_enqueued_output_blocks()) for op, s in (executor._topology or {}).items()]
+                try:  # Ray 2.60's executor internals: another layout turns the backoff off, never the stream
+                    state = [(op.metrics.num_outputs_taken, op.metrics.num_task_outputs_generated,
+                              op.metrics.num_tasks_submitted, s.total_enqueued_input_blocks(),
+                              s.total_enqueued_output_blocks()) for op, s in (executor._topology or {}).items()]
+                except (AttributeError, TypeError):
+                    return
                 if state == self.last:  # nothing moved since the last step: held back, or waiting on tasks
                     time.sleep(IDLE_SLEEP_S)
                 self.last = state

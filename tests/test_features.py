@@ -117,6 +117,8 @@ def test_the_idle_backoff_sleeps_only_after_a_scheduling_step_in_which_nothing_m
         assert len(slept) == 1
     callback.on_execution_step(executor)
     assert len(slept) == 2
+    callback.on_execution_step(SimpleNamespace())  # an executor of another layout: no backoff, no error
+    assert len(slept) == 2
 
 
 def test_products_dataset_registers_the_idle_backoff_once(ray_session, tmp_path):
