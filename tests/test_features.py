@@ -99,6 +99,7 @@ def test_the_idle_backoff_sleeps_only_after_a_scheduling_step_in_which_nothing_m
     queued = {"in": 0, "out": 2}
     state = SimpleNamespace(total_enqueued_input_blocks=lambda: queued["in"],
                             total_enqueued_output_blocks=lambda: queued["out"])
+
     class Op:  # hashable, as operators are (topology keys)
         pass
 
