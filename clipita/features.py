@@ -10,6 +10,7 @@ counts (``census``). ``load_products`` (everything in one process) is for small 
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, fields
 from typing import Iterator
@@ -133,19 +134,19 @@ class FeatureSource:
         self.columns, self.units, self.bytes = columns, [], 0
         names = set(columns or [])
         with ThreadPoolExecutor(16) as pool:  # footers are small reads: on object storage, latency dominates
-            metas = pool.map(_footer, files)
-            for uri, meta in zip(files, metas):
-                group, rows, size = [], 0, 0
-                for i in range(meta.num_row_groups):
-                    rg = meta.row_group(i)
-                    group.append(i)
-                    rows += rg.num_rows
-                    size += sum(rg.column(c).total_uncompressed_size for c in range(rg.num_columns)
-                                if not names or rg.column(c).path_in_schema.split(".")[0] in names)
-                    if rows >= READ_TASK_ROWS or i == meta.num_row_groups - 1:
-                        self.units.append((uri, group, rows, size))
-                        self.bytes += size
-                        group, rows, size = [], 0, 0
+            metas = list(pool.map(_footer, files))
+        for uri, meta in zip(files, metas):
+            group, rows, size = [], 0, 0
+            for i in range(meta.num_row_groups):
+                rg = meta.row_group(i)
+                group.append(i)
+                rows += rg.num_rows
+                size += sum(rg.column(c).total_uncompressed_size for c in range(rg.num_columns)
+                            if not names or rg.column(c).path_in_schema.split(".")[0] in names)
+                if rows >= READ_TASK_ROWS or i == meta.num_row_groups - 1:
+                    self.units.append((uri, group, rows, size))
+                    self.bytes += size
+                    group, rows, size = [], 0, 0
 
     def datasource(self, transform=None):
         """The ray.data.Datasource, ``transform`` applied to each batch (built here: clipita.features imports
@@ -171,6 +172,10 @@ class FeatureSource:
         return _Source()
 
 
+IDLE_SLEEP_S = 0.02  # the idle backoff's pause after a scheduling step in which nothing moved
+
+
+@functools.cache
 def _idle_backoff():
     """A Ray Data execution callback class, built on first use (this module does not import Ray).
 
@@ -178,31 +183,25 @@ def _idle_backoff():
     ray.wait returns at once for tasks whose next output is ready but may not be read yet (ray#65060 describes
     the spin). While its consumer trains or builds an index, that burned 0.6-0.7 core of a 2-core node in the
     streaming_split coordinator (benchmarks/RESULTS.md scale). This sleeps 20 ms after a loop step in which
-    nothing moved: negligible latency against read tasks of a second or more."""
-    global _IdleBackoff
-    if _IdleBackoff is None:
-        from ray.data._internal.execution.execution_callback import ExecutionCallback
+    nothing moved: negligible latency against read tasks of a second or more. A local class: Ray pickles it by
+    value into the executor's process."""
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-        class IdleBackoff(ExecutionCallback):
-            last = None
+    class IdleBackoff(ExecutionCallback):
+        last = None
 
-            def on_execution_step(self, executor) -> None:
-                try:  # Ray 2.60's executor internals: another layout turns the backoff off, never the stream
-                    state = [(op.metrics.num_outputs_taken, op.metrics.num_task_outputs_generated,
-                              op.metrics.num_tasks_submitted, s.total_enqueued_input_blocks(),
-                              s.total_enqueued_output_blocks()) for op, s in (executor._topology or {}).items()]
-                except (AttributeError, TypeError):
-                    return
-                if state == self.last:  # nothing moved since the last step: held back, or waiting on tasks
-                    time.sleep(IDLE_SLEEP_S)
-                self.last = state
+        def on_execution_step(self, executor) -> None:
+            try:  # Ray 2.60's executor internals: another layout turns the backoff off, never the stream
+                state = [(op.metrics.num_outputs_taken, op.metrics.num_task_outputs_generated,
+                          op.metrics.num_tasks_submitted, s.total_enqueued_input_blocks(),
+                          s.total_enqueued_output_blocks()) for op, s in (executor._topology or {}).items()]
+            except (AttributeError, TypeError):
+                return
+            if state == self.last:  # nothing moved since the last step: held back, or waiting on tasks
+                time.sleep(IDLE_SLEEP_S)
+            self.last = state
 
-        _IdleBackoff = IdleBackoff  # a local class: Ray pickles it by value into the executor's process
-    return _IdleBackoff
-
-
-_IdleBackoff = None
-IDLE_SLEEP_S = 0.02
+    return IdleBackoff
 
 
 def products_dataset(source: FeatureSource, stream_mb: int = 0, transform=None):
