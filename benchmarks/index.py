@@ -106,8 +106,10 @@ def timed(fn):
 def bench_usearch(base, queries, efs, args, dtype: str) -> list[tuple[str, float, int, float, np.ndarray]]:
     from usearch.index import Index
 
-    def build():
-        index = Index(ndim=base.shape[1], metric="cos", dtype=dtype, connectivity=args.connectivity,
+    from clipita.index import METRICS
+
+    def build():  # the metric clipita stores this precision with (base rows are unit vectors already)
+        index = Index(ndim=base.shape[1], metric=METRICS[dtype], dtype=dtype, connectivity=args.connectivity,
                       expansion_add=args.expansion_add)
         index.add(np.arange(len(base), dtype=np.uint64), base, threads=0)
         return index
@@ -118,7 +120,7 @@ def bench_usearch(base, queries, efs, args, dtype: str) -> list[tuple[str, float
         index.expansion_search = ef
         index.search(queries[:10], K, threads=0)  # warm-up
         m, qs = timed(lambda: index.search(queries, K, threads=0))
-        rows.append((f"usearch Index, 1 shard, {dtype}", seconds, ef, qs, np.asarray(m.keys, np.int64)))
+        rows.append((f"usearch Index, 1 shard, {dtype}, {METRICS[dtype]}", seconds, ef, qs, np.asarray(m.keys, np.int64)))
     return rows
 
 

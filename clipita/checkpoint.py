@@ -39,8 +39,9 @@ def save_checkpoint(uri: str, model: nn.Module, optimizer: torch.optim.Optimizer
         with storage.open_output(storage.join(uri, OPTIMIZER)) as f:  # streamed: no copy of the state in memory
             torch.save(optimizer.state_dict(), f)
     head = dataclasses.asdict(model.config)
-    if not head["residual"]:  # plain heads: config.json exactly as before residual heads existed
-        del head["residual"]
+    for key in ("residual", "lock_category"):  # left out when off: config.json as before these options existed
+        if not head[key]:
+            del head[key]
     storage.write_json(storage.join(uri, CONFIG), {"head": head, "metadata": metadata or {}})
 
 

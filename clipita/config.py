@@ -170,6 +170,8 @@ class TrainConfig:
     kg_weight: float | None = None  # KgCoOp: weight of 1 - cos(trained, zero-shot category vector) in the training
     #                                 loss (residual heads only; the validation loss leaves it out); None: the
     #                                 recipe's (paper: 0; residual: 5)
+    lock_category: bool = False  # residual heads: train the product tower only; categories keep the frozen text
+    #                              encoder's vectors (LiT locks a tower the same way)
     workers: int = 1  # Ray Train workers (data parallel; the loss sees the gathered global batch); 0 = in-process
     use_gpu: bool = False  # one GPU per worker, bf16 autocast
     cpus_per_worker: float = 1.0  # CPUs a CPU worker reserves

@@ -39,6 +39,16 @@ SCOPES = ("test", "all")
 ROW_COLUMNS = ["product_id", "title", "image", "category_path"]
 DTYPE_BYTES = {"f32": 4, "f16": 2, "i8": 1}
 GRAPH_BYTES = 200  # HNSW links + key per vector at M = 16 (usearch's own estimate is ~2·M·4 + overhead)
+# Inner product on vectors normalised before they are stored: the cosine, without usearch's per-distance norms
+# (13-15% faster builds, RESULTS.md "index"). usearch's i8 inner product is not rescaled: i8 keeps "cos".
+METRICS = {"f32": "ip", "f16": "ip", "i8": "cos"}
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, float32 and contiguous (all-zero rows stay zero)."""
+    x = np.array(x, dtype=np.float32, order="C")
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
+    return x
 
 
 class IndexIntegrityError(RuntimeError):
@@ -72,8 +82,8 @@ class ShardWriter:
     def _open(self) -> None:
         from usearch.index import Index
 
-        self.indexes = {g: Index(ndim=d, metric="cos", dtype=self.dtype, connectivity=self.connectivity,
-                                 expansion_add=self.expansion_add) for g, d in self.groups.items()}
+        self.indexes = {g: Index(ndim=d, metric=METRICS[self.dtype], dtype=self.dtype,
+                                 connectivity=self.connectivity, expansion_add=self.expansion_add) for g, d in self.groups.items()}
         self.rows: list[pa.Table] = []
         self.count = 0
 
@@ -84,7 +94,7 @@ class ShardWriter:
         keys = np.arange(first, first + rows.num_rows, dtype=np.uint64)
         for g, index in self.indexes.items():
             # threads: 1 gives the same graph on every build; 0 (every core) builds faster, a slightly different one
-            index.add(keys, np.ascontiguousarray(vectors[g], dtype=np.float32), threads=self.threads)
+            index.add(keys, unit_rows(vectors[g]), threads=self.threads)
         self.rows.append(rows)
         self.count += rows.num_rows
 
@@ -108,8 +118,8 @@ def write_manifests(scope_uri: str, groups: dict[str, int], entries: dict[str, l
     out = {}
     for g, dims in groups.items():
         shards = sorted(entries[g], key=lambda e: e["name"])
-        out[g] = dict(meta[g], dims=dims, dtype=dtype, count=sum(e["count"] for e in shards), metric="cos",
-                      rows_dir=rows_dir, shards=shards)
+        out[g] = dict(meta[g], dims=dims, dtype=dtype, count=sum(e["count"] for e in shards),
+                      metric=METRICS[dtype], rows_dir=rows_dir, shards=shards)
         storage.write_json(storage.join(scope_uri, g, "manifest.json"), out[g])
     return out
 
@@ -215,6 +225,8 @@ class ShardedIndex:
         """Top-k rows per query over every shard (each searched for k, results merged by score). ``exact``
         scans every vector instead of walking the graph (usearch's brute force: the recall reference)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if self.manifest.get("metric") == "ip":  # scores are cosines, as with "cos" (indexes built before)
+            queries = unit_rows(queries)
         if queries.shape[1] != self.dims:
             raise ValueError(f"queries have {queries.shape[1]} dims, the index {self.dims}")
         q = len(queries)

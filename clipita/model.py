@@ -65,12 +65,15 @@ class HeadConfig:
     tau: float = 1.0  # initial softmax temperature; the paper fixes τ = 1, CLIP learns it from 0.07
     learnable_tau: bool = False  # train logit_scale = log(1/τ) (CLIP) instead of keeping it fixed (the paper)
     residual: bool = False  # residual heads around the zero-shot text vectors (module doc); output_dim = text_dim
+    lock_category: bool = False  # residual only: the category tower stays the frozen text encoder's (LiT-style)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError(f"head.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.residual and self.variant not in ZERO_SHOT_FIELD:
             raise ConfigError(f"head.residual needs a text input to pass through: variant {self.variant!r} has none")
+        if self.lock_category and not self.residual:
+            raise ConfigError("head.lock_category needs residual heads (a locked plain head would stay random)")
         if self.residual and self.output_dim != self.text_dim:
             raise ConfigError(f"head.output_dim must equal head.text_dim ({self.text_dim}) for residual heads, "
                               f"got {self.output_dim!r}")
@@ -138,6 +141,8 @@ class ClipIta(nn.Module):
                 nn.init.zeros_(head.net[-1].weight)
                 nn.init.zeros_(head.net[-1].bias)
             self.register_buffer("residual_scale", torch.tensor(1.0))
+            if config.lock_category:  # the zero MLP never trains: c is the frozen encoder's unit vector
+                self.category_head.requires_grad_(False)
 
     def _residual(self, base: torch.Tensor, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """normalize(base + s·head(x)) for residual heads, normalize(head(x)) for plain ones. In float32: under

@@ -85,7 +85,8 @@ def head_config(tc: TrainConfig, variant: str, image_dim: int, text_dim: int):
     residual = tc.recipe == "residual" and variant in ZERO_SHOT_FIELD
     return HeadConfig(variant=variant, image_dim=image_dim, text_dim=text_dim, hidden_dim=tc.hidden_dim,
                       output_dim=text_dim if residual else tc.output_dim, dropout=tc.dropout, tau=tc.tau,
-                      learnable_tau=tc.learnable_tau, residual=residual)
+                      learnable_tau=tc.learnable_tau, residual=residual,
+                      lock_category=residual and tc.lock_category)
 
 
 @dataclasses.dataclass

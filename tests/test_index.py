@@ -21,12 +21,16 @@ def test_sharded_search_equals_exact_search(ray_session, tmp_path, request, wher
     ids = np.array([f"P{i}" for i in range(3000)], dtype=object)
     root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
     uri = storage.join(root, "index/test/mpnet")
-    manifest = build_group(uri, vectors, ids, {"model": "mpnet", "setting": None, "scope": "test"}, shards=4)
+    # stored as given (any length): the index scores by cosine all the same ("ip" on rows it normalises)
+    lengths = rng.uniform(0.2, 5.0, (3000, 1)).astype(np.float32)
+    manifest = build_group(uri, vectors * lengths, ids, {"model": "mpnet", "setting": None, "scope": "test"},
+                           shards=4)
     assert manifest["count"] == 3000 and len(manifest["shards"]) == 4 and manifest["dims"] == 48
+    assert manifest["metric"] == "ip"
     assert sum(s["count"] for s in manifest["shards"]) == 3000
 
     index = ShardedIndex(uri, view=True, cache_dir=str(tmp_path / "cache"))
-    found = index.search(queries, 20, ef=3000)
+    found = index.search(3 * queries, 20, ef=3000)
     exact = rank_scores(queries @ vectors.T, 20)
     assert np.array_equal(found.rows, exact)  # recall 1.0 with a large ef, same order
     np.testing.assert_allclose(found.scores, np.take_along_axis(queries @ vectors.T, exact, 1), atol=1e-5)
@@ -42,9 +46,13 @@ def test_quantised_shards_keep_recall(ray_session, tmp_path, dtype, min_recall):
     rng = np.random.default_rng(1)
     vectors, queries = unit(rng, 2000, 32), unit(rng, 40, 32)
     uri = str(tmp_path / dtype)
-    build_group(uri, vectors, np.arange(2000).astype(str), {"model": "clip"}, shards=2, dtype=dtype)
-    found = ShardedIndex(uri).search(queries, 10, ef=2000).rows
+    manifest = build_group(uri, vectors, np.arange(2000).astype(str), {"model": "clip"}, shards=2, dtype=dtype)
+    assert manifest["metric"] == {"f16": "ip", "i8": "cos"}[dtype]  # usearch's i8 inner product is not rescaled
+    result = ShardedIndex(uri).search(queries, 10, ef=2000)
+    found = result.rows
     exact = rank_scores(queries @ vectors.T, 10)
+    cosines = np.take_along_axis(queries @ vectors.T, found, 1)
+    np.testing.assert_allclose(result.scores, cosines, atol=0.02)  # scores are cosines at either precision
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)])
     assert recall >= min_recall
 

@@ -289,7 +289,8 @@ def test_residual_heads_train_and_alpha_zero_is_zero_shot_again(tmp_path):
 
 def test_residual_config_errors_are_one_line():
     for kw, msg in [(dict(variant="i"), "head.residual needs a text input to pass through: variant 'i' has none"),
-                    (dict(output_dim=16), r"head.output_dim must equal head.text_dim \(10\) for residual heads")]:
+                    (dict(output_dim=16), r"head.output_dim must equal head.text_dim \(10\) for residual heads"),
+                    (dict(residual=False, lock_category=True), r"head.lock_category needs residual heads")]:
         with pytest.raises(ConfigError, match=msg) as e:
             HeadConfig(**{**dict(image_dim=DI, text_dim=DT, output_dim=DT, residual=True), **kw})
         assert "\n" not in str(e.value)
@@ -363,3 +364,23 @@ def test_kgcoop_regulariser_keeps_categories_near_the_zero_shot_vectors():
     plain = ClipIta(small())
     with pytest.raises(ValueError, match="needs residual heads"):
         train_step(plain, ContrastiveLoss(), make_optimizer(plain, 1e-3, 0.0), batch, kg_weight=1.0)
+
+
+def test_a_locked_category_tower_keeps_the_frozen_category_vectors(tmp_path):
+    """train.lock_category (LiT): only the product tower trains; a category is its frozen text vector, unit norm."""
+    batch = random_batch(16)
+    torch.manual_seed(0)
+    model = ClipIta(residual(lock_category=True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = make_optimizer(model, 1e-2, 0.01)
+    for _ in range(5):
+        train_step(model, ContrastiveLoss(), opt, batch, kg_weight=1.0)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("category_head."))
+    assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("product_head."))
+    model.eval()
+    _, c = model(batch)
+    torch.testing.assert_close(c, torch.nn.functional.normalize(batch["category"], dim=-1))
+    save_checkpoint(str(tmp_path / "best"), model, None, {})
+    loaded = load_model(str(tmp_path / "best"))  # resumed runs stay locked
+    assert loaded.config.lock_category and not any(p.requires_grad for p in loaded.category_head.parameters())
