@@ -4,7 +4,9 @@
     DIR/optimizer.pt        optional optimizer state: torch.save, read back with torch.load(weights_only=True)
     DIR/config.json         {"head": HeadConfig fields, "metadata": {...caller's: epoch, step, metrics...}}
 
-config.json is written last, so a folder whose writer died midway has no config and fails to load in one line.
+config.json is written last and removed first when a folder is overwritten (``last/`` every few epochs), so a
+folder whose writer died midway has no config and fails to load in one line: a resumed run starts that run
+afresh instead of pairing new weights with an old config and a truncated optimizer.
 Nothing here unpickles arbitrary objects: safetensors holds only tensors, and weights_only refuses code.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ def save_checkpoint(uri: str, model: nn.Module, optimizer: torch.optim.Optimizer
                     metadata: dict[str, Any] | None = None) -> None:
     """Write ``model`` (optionally wrapped in DDP), the optimizer state and JSON-able ``metadata`` to ``uri``."""
     model = unwrap(model)
+    storage.remove(storage.join(uri, CONFIG))  # unfinished until config.json is back
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     storage.write_bytes(storage.join(uri, WEIGHTS), safetensors.torch.save(tensors))
     if optimizer is not None:

@@ -77,6 +77,13 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def remove(uri: str) -> None:
+    """Delete the file at ``uri`` if there is one."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path)
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     try:

@@ -182,6 +182,28 @@ def test_checkpoint_round_trip(where, tmp_path, request):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_save_that_dies_midway_leaves_no_checkpoint_to_resume(where, tmp_path, request):
+    """Overwriting last/: a writer killed after the weights and before config.json must not leave the old
+    config.json beside the new weights and a truncated optimizer (a resume would load them, then fail forever)."""
+    uri = str(tmp_path / "last") if where == "local" else request.getfixturevalue("s3_bucket") + "/runs/last"
+    model, optimizer = _trained()
+    save_checkpoint(uri, model, optimizer, metadata={"epoch": 1})
+    assert load_metadata(uri) == {"epoch": 1}
+
+    class DiesWhileSaving(torch.optim.AdamW):
+        def state_dict(self):
+            raise RuntimeError("killed while writing optimizer.pt")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        save_checkpoint(uri, model, DiesWhileSaving(model.parameters()), metadata={"epoch": 2})
+    assert not storage.exists(f"{uri}/config.json")  # what training's resume checks
+    with pytest.raises(CheckpointError, match="config.json not found"):
+        load_model(uri)
+    save_checkpoint(uri, model, optimizer, metadata={"epoch": 2})  # the next save completes the folder again
+    assert load_metadata(uri) == {"epoch": 2}
+
+
 def test_broken_checkpoints_fail_in_one_line(tmp_path):
     model, optimizer = _trained(1)
     good = str(tmp_path / "good")
