@@ -18,9 +18,11 @@ naming it and saying how to point at a local copy.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,6 +105,33 @@ def _normalized(x: torch.Tensor) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- encoders
 
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip logs a root-logger WARNING for every model built without weights; with ``image_pretrained: ""``
+    random weights are what the config asks for (the offline demo and tests), not a problem to warn about."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _quiet_load(random_init: bool):
+    """Model loading without transformers' per-load "Loading weights" bar (one per encoder actor and Serve replica)
+    and, for a random init asked for, without open_clip's warning about it."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    notice = _DropRandomInitNotice()
+    if random_init:
+        logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class ImageEncoder:
     """Frozen open_clip model: images (uint8 from ``load_image``) and, for zero-shot CLIP, texts."""
 
@@ -121,7 +150,8 @@ class ImageEncoder:
                     f"cannot load image weights {cfg.image_model!r}/{cfg.image_pretrained!r} (no network?): download "
                     "them where there is network and set encoders.image_pretrained to the checkpoint file") from None
         try:
-            with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            # seeded init without touching the caller's RNG
+            with torch.random.fork_rng(devices=[]), _quiet_load(random_init=not checkpoint):
                 torch.manual_seed(RANDOM_INIT_SEED)
                 # A tag trained with QuickGELU needs it in the architecture too (open_clip only warns).
                 model = open_clip.create_model(cfg.image_model, pretrained=checkpoint or None,
@@ -173,8 +203,9 @@ class TextEncoder:
         transformer_dir, self.pooling = _sentence_transformers_layout(folder, cfg.text_model)
         self.device = _device(cfg, f"text model {cfg.text_model!r}")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(transformer_dir)
-            model = AutoModel.from_pretrained(transformer_dir)
+            with _quiet_load(random_init=False):
+                self.tokenizer = AutoTokenizer.from_pretrained(transformer_dir)
+                model = AutoModel.from_pretrained(transformer_dir)
         except (OSError, ValueError, KeyError) as e:
             if folder == cfg.text_model and not os.path.isdir(folder):
                 raise EncoderLoadError(

@@ -92,8 +92,6 @@ QUIET_WORKER_LINES = (
     # Ray Train's own DatasetManager calls a Ray Data option deprecated in the same release (a warning + its source)
     r"RayDeprecationWarning: `ExecutionOptions\.exclude_resources` is deprecated",
     r"^  self\.exclude_resources = exclude_resources$",
-    # open_clip on the offline test/demo model, random weights by design (configs/offline.yaml)
-    r"No pretrained weights loaded for model 'clipita-tiny'\. Model initialized randomly\.",
 )
 
 # Set before Ray is imported (Ray reads them at import) and passed on to workers; a user's own value wins.

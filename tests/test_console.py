@@ -99,3 +99,57 @@ def test_a_ray_data_actor_pool_keeps_the_console_clean():
     text = "\n".join(lines)
     assert proc.returncode == 0 and "sum 4032" in text, text
     assert not [line for line in lines if BAD.search(line)], text
+
+
+def test_serve_run_console_is_readable(tmp_path, trained_workdir, embedded_workdir):
+    """`serve run serve/config.yaml`: Serve's INFO lines and its request log, no WARNING or ERROR from our replicas
+    (before: transformers' "Loading weights" bar and open_clip's random-init warning, once per replica). The one
+    warning left is Ray's own, printed by the serve CLI's ray.init before any of our code runs."""
+    import shutil
+    import signal
+    import socket
+    import time
+
+    import requests
+    import yaml
+
+    if not os.path.exists(os.path.join(trained_workdir, "catalog.json")):  # the fixture copies features/ only
+        shutil.copy(os.path.join(embedded_workdir, "catalog.json"), trained_workdir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(os.path.join(ROOT, "serve", "config.yaml")) as f:
+        config = yaml.safe_load(f)
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"]["workdir"] = trained_workdir
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    for key in ("RAY_ADDRESS", "RAY_DEDUP_LOGS_SKIP_REGEX", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        env.pop(key, None)
+    with open(tmp_path / "console.txt", "w") as out:
+        proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "serve"), "run",
+                                 str(tmp_path / "serve.yaml")], cwd=ROOT, env=env, stdout=out, stderr=out)
+        try:
+            url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
+            while time.time() < deadline:
+                try:
+                    if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                time.sleep(1)
+            assert requests.get(f"{url}/search", params={"category": "Boots", "k": 3}, timeout=30).status_code == 200
+            time.sleep(2)  # the replicas' request log reaches the console
+        finally:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: serve run shuts Serve and its local Ray down
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    lines = [ANSI.sub("", line) for line in (tmp_path / "console.txt").read_text().splitlines()]
+    text = "\n".join(lines)
+    assert any("GET /search 200" in line for line in lines), text
+    bad = [line for line in lines if BAD.search(line) and "Token authentication is enabled" not in line]
+    assert not bad, text
+    assert "Loading weights" not in text and "No pretrained weights" not in text, text

@@ -185,6 +185,22 @@ def test_image_encoder_loads_a_local_checkpoint(tmp_path, image_encoder):
         ImageEncoder(dataclasses.replace(CFG, image_pretrained=str(tmp_path / "wrong.safetensors")))
 
 
+def test_loading_is_quiet_and_leaves_logging_as_it_was(caplog, capfd):
+    """No transformers "Loading weights" bar and no open_clip warning for the random init the config asks for (one
+    of each per encoder actor and Serve replica otherwise); the loggers and bars work as before afterwards."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    with caplog.at_level(logging.INFO):
+        ImageEncoder(CFG)
+        TextEncoder(CFG)
+        logging.getLogger().warning("a warning after loading")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == ["a warning after loading"]
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled() and not logging.getLogger().filters
+
+
 def test_clip_text_tower(image_encoder):
     texts = ["a photo of running shoes", "a photo of a dress", "a photo of running shoes"]
     out = image_encoder.encode_text(texts)
