@@ -8,13 +8,13 @@ vectors, queries and machine, in one run.
     python benchmarks/index.py --data clustered --methods exact,clipita --shards 1 --dtypes f32,f16,i8
 
 Vectors are unit-norm float32, cosine similarity: ``random`` (uniform on the sphere: no structure, the hard case
-for graph indexes) and ``clustered`` (a Gaussian mixture: ``--clusters`` centres, each point its centre plus
-noise of norm ~``--spread``, normalised; closer to real embeddings, which group by category). Queries are drawn
-from the same distribution and are not in the index. Both HNSW libraries use M = 16 (``--connectivity``) and
-ef_construction = 128 (``--expansion-add``); each row searches with the ef of its row (faiss efSearch, USearch
+for graph indexes) and ``clustered`` (a Gaussian mixture: ``--clusters`` centres, each point its centre plus noise
+of norm ~``--spread``, normalised; closer to real embeddings, which group by category). Queries are drawn from the
+same distribution and are not in the index. Both HNSW libraries use M = 16 (``--connectivity``) and ef_construction
+= 64 (``--expansion-add``, index.expansion_add); each row searches with the ef of its row (faiss efSearch, USearch
 expansion_search). Queries are searched in one batch per method, on all cores (USearch ``threads=0``, faiss and
-BLAS OpenMP), so queries/s is throughput, not single-query latency. Build time of clipita's index includes
-moving the vectors to the Ray tasks, serialising each shard, its SHA-256, the ids parquet and the manifest.
+BLAS OpenMP), so queries/s is throughput, not single-query latency. Build time of clipita's index includes moving
+the vectors to the Ray tasks, serialising each shard, its SHA-256, the ids parquet and the manifest.
 
 The faiss rows need ``pip install faiss-cpu`` (not a clipita dependency; 1.15.1 in RESULTS.md).
 

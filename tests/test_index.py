@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from clipita import storage
-from clipita.index import IndexIntegrityError, ShardedIndex, build_group
+from clipita.index import IndexIntegrityError, ShardedIndex, build_group, unit_rows
 from clipita.metrics import rank_scores
 
 pytestmark = pytest.mark.slow
@@ -97,6 +97,18 @@ def test_jobs_index_streams_into_several_shards_that_search_as_one(ray_session, 
     exact = rank_scores(queries @ ranker.product_vectors(products).T, 10)
     found = index.search(queries, 10, ef=600)
     assert [list(index.ids[r]) for r in found.rows] == [list(products.ids[r]) for r in exact]
+
+
+def test_unit_rows_scales_every_block_and_keeps_zero_rows_zero():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2500, 16)) * rng.uniform(0.1, 9.0, (2500, 1))).astype(np.float16)
+    x[[0, 999, 1000, 2499]] = 0  # zero rows at and around the block edges
+    y = unit_rows(x, block=1000)
+    assert y.dtype == np.float32 and y.flags.c_contiguous and y.shape == x.shape
+    expect = x.astype(np.float32) / np.maximum(np.linalg.norm(x.astype(np.float32), axis=1, keepdims=True), 1e-12)
+    np.testing.assert_allclose(y, expect, rtol=1e-6, atol=1e-7)
+    assert not y[[0, 999, 1000, 2499]].any()
+    assert x.dtype == np.float16 and not x[0].any() and x[1].any()  # the input is left as it was
 
 
 def test_shard_plan_covers_every_row_once_in_equal_shards():
