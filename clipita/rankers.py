@@ -21,6 +21,7 @@ import numpy as np
 
 from clipita.bm25 import tokenize
 from clipita.features import Categories, Products
+from clipita.index import unit_rows
 from clipita.metrics import rank_scores
 
 BASELINES = ("bm25", "mpnet", "clip")
@@ -78,12 +79,6 @@ def _require(array: np.ndarray | None, what: str, model: str) -> np.ndarray:
     return array
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(n == 0, 1, n)
-
-
 class DenseRanker(Ranker):
     """Cosine similarity between query vectors and product vectors."""
 
@@ -101,20 +96,20 @@ class MPNetRanker(DenseRanker):
     name = "mpnet"
 
     def product_vectors(self, products: Products) -> np.ndarray:
-        return _unit(products.title)
+        return unit_rows(products.title)
 
     def query_vectors(self, queries: Queries) -> np.ndarray:
-        return _unit(_require(queries.text, "sentence-encoder", self.name))
+        return unit_rows(_require(queries.text, "sentence-encoder", self.name))
 
 
 class ClipRanker(DenseRanker):
     name = "clip"
 
     def product_vectors(self, products: Products) -> np.ndarray:
-        return _unit(products.image)
+        return unit_rows(products.image)
 
     def query_vectors(self, queries: Queries) -> np.ndarray:
-        return _unit(_require(queries.clip, "CLIP text", self.name))
+        return unit_rows(_require(queries.clip, "CLIP text", self.name))
 
 
 class HeadRanker(DenseRanker):
