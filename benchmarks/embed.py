@@ -5,6 +5,7 @@ single-process loop over the same images with the same encoders (read bytes, ``l
     python benchmarks/embed.py                                   # offline config, 500 and 2,000 products
     python benchmarks/embed.py --sizes 2000 --job "" --job "embed.batch_size=256" \\
         --job "embed.cpus_per_actor=2,bench.ray_cpus=3"          # knobs side by side in one run
+    python benchmarks/embed.py --sizes 2000 --bare-threads 0 --bare-image timm   # against timm's own model
     python benchmarks/embed.py --gpu --config configs/production.yaml --set encoders.image_pretrained= \\
         --sizes 5000,20000                                       # GPU machine: one GPU per encoder actor
 
@@ -69,9 +70,33 @@ def catalogue(folder: str, n: int) -> str:
 
 # --------------------------------------------------------------------------------------------- the two runners
 
-def run_bare(root: str, cfg, threads: int) -> dict:
+def timm_image_encoder(enc_cfg, size: int):
+    """The bare timm loop's image encoder for ``pkg:`` weights: timm's own model (pooled, no head) with the package's
+    tensors, normalised and L2-normalised as ImageEncoder does, with no open_clip in between."""
+    import timm
+    import torch
+
+    from clipita import pretrained
+
+    entry = pretrained.package_weights(enc_cfg.image_pretrained)
+    model = timm.create_model(entry.timm_model, num_classes=0).eval()
+    mapped = pretrained.efficientnet_to_timm(pretrained.read_state_dict(entry), [len(s) for s in model.blocks])
+    model.load_state_dict({k: v for k, v in mapped.items() if not k.startswith("classifier.")})
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (entry.mean, entry.std))
+
+    @torch.inference_mode()
+    def encode(pixels: np.ndarray) -> np.ndarray:
+        assert pixels.shape[1:] == (size, size, 3)
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
+        return torch.nn.functional.normalize(model((x - mean) / std), dim=-1).numpy()
+
+    return encode
+
+
+def run_bare(root: str, cfg, threads: int, bare_image: str = "clipita") -> dict:
     """Single process, no Ray: the same per-product work as ReadParts + EmbedParts, batch by batch.
-    Runs in a fresh process (bare_run), so its start-up pays the same imports as the job's actors."""
+    Runs in a fresh process (bare_run), so its start-up pays the same imports as the job's actors.
+    ``bare_image`` "timm": images through timm's model directly (``pkg:`` weights) instead of ImageEncoder."""
     t0 = time.perf_counter()
     import torch
 
@@ -80,7 +105,9 @@ def run_bare(root: str, cfg, threads: int) -> dict:
     if threads:
         torch.set_num_threads(threads)
     size = image_preprocess_spec(cfg.encoders)[0]
-    image_enc, text_enc = ImageEncoder(cfg.encoders), TextEncoder(cfg.encoders)
+    text_enc = TextEncoder(cfg.encoders)
+    encode_images = timm_image_encoder(cfg.encoders, size) if bare_image == "timm" else \
+        ImageEncoder(cfg.encoders).encode
     rows = pq.read_table(os.path.join(root, "products.parquet"),
                          columns=["image", "title", "attributes"]).to_pylist()
     t1 = time.perf_counter()
@@ -91,16 +118,16 @@ def run_bare(root: str, cfg, threads: int) -> dict:
         for r in chunk:
             with open(storage.resolve(root, r["image"]), "rb") as f:
                 pixels.append(load_image(f.read(), size))
-        image_enc.encode(np.stack(pixels))
+        encode_images(np.stack(pixels))
         text_enc.encode([r["title"] for r in chunk])
         text_enc.encode_attributes([r["attributes"] for r in chunk])
     t2 = time.perf_counter()
     return {"wall": t2 - t0, "images": len(rows), "ready": t1 - t0, "steady": len(rows) / (t2 - t1)}
 
 
-def bare_run(root: str, cfg, threads: int) -> dict:
+def bare_run(root: str, cfg, threads: int, bare_image: str = "clipita") -> dict:
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(run_bare, root, cfg, threads).result()
+        return pool.submit(run_bare, root, cfg, threads, bare_image).result()
 
 
 class TimedEmbedder(embed.EmbedParts):
@@ -177,6 +204,9 @@ def main() -> None:
                    help='one job variant: extra overrides ("" = as configured); repeatable (default: one, "")')
     p.add_argument("--bare-threads", default="0,1",
                    help="torch threads of the bare loop, one row each; 0 = torch's default (default 0,1)")
+    p.add_argument("--bare-image", choices=("clipita", "timm"), default="clipita",
+                   help="the bare loop's image encoder: clipita's ImageEncoder, or timm's model directly (pkg: "
+                        "weights, e.g. the offline EfficientNet-Lite0; default clipita)")
     p.add_argument("--gpu", action="store_true", help="embed.gpus_per_actor=1 (the bare loop uses the GPU too)")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds over all cells, alternating order, the fastest run of each kept (default 1)")
@@ -203,8 +233,8 @@ def main() -> None:
         cells = []
         for n in sizes:
             for threads in bare_threads:
-                cells.append((n, "bare", f"1 process, torch {threads or 'default'} threads",
-                               lambda root=roots[n], t=threads: bare_run(root, bare_cfg, t)))
+                cells.append((n, "bare", f"1 process, {args.bare_image} images, torch {threads or 'default'} threads",
+                               lambda root=roots[n], t=threads: bare_run(root, bare_cfg, t, args.bare_image)))
             for v, cfg in zip(variants, configs):
                 ray_cpus = int(v.get("bench.ray_cpus", os.cpu_count() or 1))
                 omp = int(v["bench.omp_threads"]) if "bench.omp_threads" in v else None

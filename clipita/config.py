@@ -77,6 +77,8 @@ class EncoderConfig:
     image_pretrained: str = "laion2b_s34b_b79k"  # open_clip tag, a local checkpoint file, or "" for random init
     text_model: str = "sentence-transformers/all-mpnet-base-v2"  # hub name or local folder of a transformers model
     text_max_length: int = 64  # tokens; titles and category names are short
+    image_size: int = 0  # image input resolution in px; 0: the architecture's (a convnet takes any, a ViT
+    #                      interpolates its position embeddings, as open_clip's force_image_size does)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | fp16 | bf16
     clip_prompt: str = "a photo of {}"  # template for CLIP zero-shot category text
@@ -84,8 +86,25 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         _check_choice("encoders.device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("encoders.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
+        _check_range("encoders.image_size (0: the architecture's)", self.image_size, 0, 4096)
+        if 0 < self.image_size < 32:
+            raise ConfigError(f"encoders.image_size must be 0 or at least 32 px, got {self.image_size}")
         if "{}" not in self.clip_prompt:
             raise ConfigError("encoders.clip_prompt must contain {} where the category name goes")
+
+    @property
+    def zero_shot_note(self) -> str | None:
+        """Why zero-shot CLIP (category text through the image model's text tower, against image vectors) is no
+        baseline under these encoders; None when the text tower was trained with the image tower (an open_clip
+        tag, or a checkpoint file: a CLIP model or aligned towers)."""
+        if not self.image_pretrained:
+            return (f"random-init {self.image_model} image and text towers (a test config): zero-shot CLIP is "
+                    "chance by construction")
+        if self.image_pretrained.startswith("pkg:"):
+            return (f"the image tower ({self.image_model}, {self.image_pretrained}) was trained alone and its text "
+                    "tower is a random init aligned with nothing: zero-shot CLIP is chance by construction, not a "
+                    "baseline (CLIP-I/IA/ITA train their own category tower on these image features)")
+        return None
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,9 @@ class EmbedConfig:
 
     part_rows: int = 512  # products per output part: the unit of work, of output files and of resume
     batch_size: int = 64  # products per encoder call
+    image_batch_size: int = 0  # images per image-tower forward; 0: 8 on CPU (a convnet's activations then stay in
+    #                            cache: 3x the images/s of 64 for EfficientNet-Lite0 on 2 cores, RESULTS.md), on GPU
+    #                            batch_size
     min_actors: int = 1  # encoder actor pool autoscales between min_actors and max_actors
     max_actors: int = 1
     gpus_per_actor: float = 0.0  # 0 runs the encoders on CPU; 1 pins one GPU per actor
@@ -113,6 +135,7 @@ class EmbedConfig:
                 raise ConfigError(f"embed.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_actors < self.min_actors:
             raise ConfigError("embed.max_actors must be >= embed.min_actors")
+        _check_range("embed.image_batch_size (0: 8 on CPU, batch_size on GPU)", self.image_batch_size, 0, 10**6)
         _check_range("embed.gpus_per_actor", self.gpus_per_actor, 0.0, 8.0)
         _check_range("embed.cpus_per_actor", self.cpus_per_actor, 0.0, 64.0)
         _check_range("embed.read_cpus", self.read_cpus, 0.0, 64.0)

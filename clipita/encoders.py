@@ -11,8 +11,9 @@ only uint8 travels between the two. Every ``encode`` returns float32 L2-normalis
     TextEncoder(cfg.encoders).encode(["red dress", ...])  # (N, D')
 
 Where models come from (``EncoderConfig``): ``image_model`` is an open_clip architecture (clipita registers its
-own from ``clipita/model_configs/``), ``image_pretrained`` an open_clip tag, a local checkpoint file, or "" for a
-seeded random init; ``text_model`` a hub name, a local folder, or ``pkg:MODULE`` (``MODULE.get_model_path()``,
+own from ``clipita/model_configs/``), ``image_pretrained`` an open_clip tag, a local checkpoint file,
+``pkg:MODULE`` (image-tower weights shipped inside a Python package, ``clipita.pretrained``: the offline
+config's ImageNet EfficientNet-Lite0), or "" for a seeded random init; ``text_model`` a hub name, a local folder, or ``pkg:MODULE`` (``MODULE.get_model_path()``,
 a model shipped inside a Python package). A model that cannot be loaded raises ``EncoderLoadError``: one line
 naming it and saying how to point at a local copy.
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+from clipita import pretrained as package_weights
 from clipita.config import EncoderConfig
 from clipita.images import ImageError, load_image  # noqa: F401 - re-exported: the decode half of the image encoder
 
@@ -52,6 +54,7 @@ def image_preprocess_spec(cfg: EncoderConfig) -> tuple[int, tuple[float, ...], t
         if size[0] != size[1]:
             raise EncoderLoadError(f"cannot use image model {cfg.image_model!r}: clipita needs a square input size")
         size = size[0]
+    size = cfg.image_size or size
     # load_image implements open_clip's default eval transform only; a tag trained otherwise would get skewed inputs.
     if tag_cfg.get("resize_mode", "shortest") != "shortest" or tag_cfg.get("interpolation", "bicubic") != "bicubic":
         raise EncoderLoadError(f"cannot use image weights {cfg.image_pretrained!r}: they expect "
@@ -73,6 +76,16 @@ def _open_clip_configs(cfg: EncoderConfig) -> tuple[dict, dict]:
         raise EncoderLoadError(f"cannot load image model {name!r}: not an open_clip architecture "
                                "(encoders.image_model; see open_clip.list_models())")
     pretrained = cfg.image_pretrained
+    if pretrained.startswith("pkg:"):  # weights of the image tower only, with their own normalisation
+        try:
+            entry = package_weights.package_weights(pretrained)
+        except package_weights.PretrainedError as e:
+            raise EncoderLoadError(f"cannot load image weights {pretrained!r}: {e}") from None
+        tower = model_cfg["vision_cfg"].get("timm_model_name")
+        if tower != entry.timm_model:
+            raise EncoderLoadError(f"cannot load image weights {pretrained!r} into {name!r}: they are "
+                                   f"{entry.timm_model} weights, its tower is {tower or 'not a timm model'}")
+        return model_cfg, {"mean": entry.mean, "std": entry.std, "package": entry.module}
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
     if pretrained and not tag_cfg and not os.path.isfile(pretrained):
         raise EncoderLoadError(f"cannot load image weights {pretrained!r}: neither a pretrained tag of {name} nor "
@@ -141,8 +154,9 @@ class ImageEncoder:
         self.dim: int = int(model_cfg["embed_dim"])
         self.device = _device(cfg, f"image model {cfg.image_model!r}")
         self.cfg = cfg
-        checkpoint = cfg.image_pretrained
-        if tag_cfg:
+        package = tag_cfg.get("package")
+        checkpoint = "" if package else cfg.image_pretrained
+        if tag_cfg and not package:
             try:  # fetched here rather than by create_model, which logs a page-long error before raising
                 checkpoint = open_clip.download_pretrained(tag_cfg)
             except Exception:  # noqa: BLE001 - hub, network and cache failures all mean: no local copy
@@ -155,7 +169,10 @@ class ImageEncoder:
                 torch.manual_seed(RANDOM_INIT_SEED)
                 # A tag trained with QuickGELU needs it in the architecture too (open_clip only warns).
                 model = open_clip.create_model(cfg.image_model, pretrained=checkpoint or None,
-                                               force_quick_gelu=bool(tag_cfg.get("quick_gelu")))
+                                               force_quick_gelu=bool(tag_cfg.get("quick_gelu")),
+                                               force_image_size=cfg.image_size or None)
+                if package:  # the image trunk from the package's file; the rest stays the seeded init
+                    package_weights.load_into(model, cfg.image_pretrained)
             self.tokenizer = open_clip.get_tokenizer(cfg.image_model)
         except Exception as e:  # noqa: BLE001 - unreadable or mismatched checkpoint files end here
             raise EncoderLoadError(f"cannot load image weights {cfg.image_pretrained!r} into {cfg.image_model!r}: "

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from clipita import metrics, storage
-from clipita.features import census, labeler_for, load_categories, load_tree
+from clipita.features import census, labeler_for, load_categories, load_tree, recorded_encoders
 from clipita.index import IndexIntegrityError, ShardedIndex, group_dir, group_name
 from clipita.metrics import per_query_metrics
 from clipita.rankers import MODELS, TRAINED, Queries, load_ranker
@@ -322,6 +322,10 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
         for a in group:
             ray.kill(a)
     add_base_to_new(rows)
+    note = recorded_encoders(workdir).zero_shot_note
+    for r in rows:
+        if r["model"] == "clip" and note:  # kept, and said why it is no baseline (metrics.md marks it too)
+            r["note"] = note
     storage.write_json(storage.join(workdir, "metrics.json"), rows)
     storage.write_bytes(storage.join(workdir, "metrics.md"), metrics_markdown(rows).encode())
     storage.write_bytes(storage.join(workdir, "metrics.png"), metrics_png(rows))
@@ -358,10 +362,16 @@ def add_base_to_new(rows: list[dict]) -> None:
                                 for m in HM_METRICS}
 
 
+def _model(r: dict) -> str:
+    return f"{r['model']} †" if r.get("note") else r["model"]
+
+
 def metrics_markdown(rows: list[dict]) -> str:
+    notes = sorted({f"{r['model']}: {r['note']}" for r in rows if r.get("note")})
     out = ["# clipita evaluation", "",
            "Metrics in %. mAP@K is the paper's hits-normalised AP (PAPER.md); `_std` columns divide by min(R, K).",
            "Paper: Table 1 of CLIP-ITA (ECIR 2022) on XMarket US, for reference: different data, same protocol.", "",
+           *[f"† Not a baseline here: {n}." for n in notes], *([""] if notes else []),
            "## Seen / unseen categories and their harmonic mean", "",
            "Base-to-new convention of CLIP fine-tuning research (CoOp, CoCoOp, KgCoOp): *seen* queries are categories "
            "some training product carries, *unseen* ones none does; HM = 2·seen·unseen / (seen + unseen) rewards a "
@@ -369,7 +379,7 @@ def metrics_markdown(rows: list[dict]) -> str:
            "| setting | model | " + " | ".join(f"{m} seen | {m} unseen | {m} HM" for m in HM_METRICS) + " |",
            "|---|---|" + "---|" * (3 * len(HM_METRICS))]
     for r in (r for r in rows if r["split"] == "all" and "base_to_new" in r):
-        out.append(f"| {r['setting']} | {r['model']} | " + " | ".join(
+        out.append(f"| {r['setting']} | {_model(r)} | " + " | ".join(
             " | ".join(_fmt(r["base_to_new"][m][k]) for k in ("seen", "unseen", "hm")) for m in HM_METRICS) + " |")
     out.append("")
     for split in SPLITS:
@@ -378,14 +388,14 @@ def metrics_markdown(rows: list[dict]) -> str:
                 " / ".join(METRICS) + " |", "|---|---|---|" + "---|" * (len(METRICS) + 2)]
         for r in (r for r in rows if r["split"] == split):
             paper = PAPER_TABLE[r["setting"]].get(r["model"]) if split == "all" else None
-            out.append(f"| {r['setting']} | {r['model']} | {r['queries']} | " +
+            out.append(f"| {r['setting']} | {_model(r)} | {r['queries']} | " +
                        " | ".join(_fmt(r[m]) for m in METRICS) + f" | {_fmt(r['mAP@10_std'])} | " +
                        (" / ".join(f"{p:.2f}" for p in paper) if paper else "") + " |")
         out.append("")
     out += ["## Hierarchy-aware relevance (a product is relevant to every category on its path), all queries", "",
             "| setting | model | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for r in (r for r in rows if r["split"] == "all"):
-        out.append(f"| {r['setting']} | {r['model']} | " + " | ".join(_fmt(r["hierarchy"][m]) for m in METRICS) + " |")
+        out.append(f"| {r['setting']} | {_model(r)} | " + " | ".join(_fmt(r["hierarchy"][m]) for m in METRICS) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -405,7 +415,7 @@ def metrics_png(rows: list[dict]) -> bytes:
                      None)
             if r is None:
                 continue
-            ax.bar(np.arange(len(METRICS)) + j * width, [r[m] or 0 for m in METRICS], width, label=model,
+            ax.bar(np.arange(len(METRICS)) + j * width, [r[m] or 0 for m in METRICS], width, label=_model(r),
                    color=plt.cm.tab10(MODELS.index(model)))
         ax.set_xticks(np.arange(len(METRICS)) + 0.4 - width / 2, METRICS)
         ax.set(title=f"setting: {setting}", ylabel="%")

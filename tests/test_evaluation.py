@@ -65,6 +65,12 @@ def test_reports(trained_workdir, rows):
                 if b["seen"] and b["unseen"]:
                     assert min(b["seen"], b["unseen"]) <= b["hm"] <= max(b["seen"], b["unseen"])
     assert storage.read_bytes(f"{trained_workdir}/metrics.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    # the offline image tower has no text tower aligned with it: zero-shot clip keeps its rows, says why, and
+    # metrics.md marks it wherever it appears
+    assert {r["model"] for r in rows if r.get("note")} == {"clip"}
+    assert all("trained alone" in r["note"] for r in rows if r["model"] == "clip")
+    assert "| specific | clip † |" in md and "| specific | clip |" not in md
+    assert "† Not a baseline here: clip: the image tower (efficientnet-lite0" in md
     for r in rows:  # hierarchy-aware relevance counts more products relevant, never fewer
         if r["setting"] == "specific":
             assert r["hierarchy"]["R-prec"] is not None

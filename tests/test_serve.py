@@ -127,6 +127,7 @@ def test_search_equals_the_models_ranking_over_all_products(server, trained_work
 def test_every_model_answers(server, model):
     body = get(server, "/search", category="Shoes", k=5, model=model).json()
     assert body["model"] == model and len(body["results"]) == 5
+    assert ("note" in body) == (model == "clip")  # zero-shot clip says it is no baseline under these encoders
 
 
 def test_unknown_category_still_returns_ranked_results(server):
@@ -164,6 +165,7 @@ def test_healthz(server):
     h = r.json()
     assert h["status"] == "ok" and h["products"] == 600 and h["default_model"] == "clip-ita"
     assert set(h["models"]) == {"bm25", "mpnet", "clip", "clip-i", "clip-ia", "clip-ita"}
+    assert set(h["notes"]) == {"clip"} and "trained alone" in h["notes"]["clip"]  # no baseline: said so
 
 
 def test_image_bytes_come_from_the_catalogue_and_paths_are_not_reachable(server, trained_workdir):
@@ -252,6 +254,12 @@ def test_gallery_page_shows_result_images_in_a_real_browser(server, tmp_path):
             widths = page.eval_on_selector_all("#grid img", "imgs => imgs.map(i => i.naturalWidth)")
             assert len(widths) == 8 and all(w > 0 for w in widths)
             assert "8 results" in page.inner_text("#status")
+            # zero-shot clip is named and answered as no baseline (the offline image tower has no aligned text)
+            assert "clip (not a baseline)" in page.inner_text("#model")
+            page.select_option("#model", "clip")
+            page.press("#category", "Enter")
+            page.wait_for_function("document.querySelector('#status').textContent.includes('Not a baseline')",
+                                   timeout=60_000)
         finally:
             browser.close()
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
