@@ -85,10 +85,13 @@ def timm_image_encoder(enc_cfg, size: int):
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (entry.mean, entry.std))
 
     @torch.inference_mode()
-    def encode(pixels: np.ndarray) -> np.ndarray:
+    def encode(pixels: np.ndarray, batch: int) -> np.ndarray:
         assert pixels.shape[1:] == (size, size, 3)
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
-        return torch.nn.functional.normalize(model((x - mean) / std), dim=-1).numpy()
+        out = []
+        for s in range(0, len(pixels), batch):  # the same forward size as ImageEncoder.encode
+            x = torch.from_numpy(pixels[s:s + batch]).permute(0, 3, 1, 2).float().div(255)
+            out.append(torch.nn.functional.normalize(model((x - mean) / std), dim=-1).numpy())
+        return np.concatenate(out)
 
     return encode
 
@@ -118,7 +121,7 @@ def run_bare(root: str, cfg, threads: int, bare_image: str = "clipita") -> dict:
         for r in chunk:
             with open(storage.resolve(root, r["image"]), "rb") as f:
                 pixels.append(load_image(f.read(), size))
-        encode_images(np.stack(pixels))
+        encode_images(np.stack(pixels), cfg.embed.image_batch)
         text_enc.encode([r["title"] for r in chunk])
         text_enc.encode_attributes([r["attributes"] for r in chunk])
     t2 = time.perf_counter()

@@ -16,7 +16,7 @@ expansion_search). Queries are searched in one batch per method, on all cores (U
 BLAS OpenMP), so queries/s is throughput, not single-query latency. Build time of clipita's index includes moving
 the vectors to the Ray tasks, serialising each shard, its SHA-256, the ids parquet and the manifest.
 
-The faiss rows need ``pip install faiss-cpu`` (not a clipita dependency; 1.15.1 in RESULTS.md).
+The faiss rows need ``pip install faiss-cpu`` (not a clipita dependency; 1.15.1 in benchmarks/history/index.md).
 
 Prints the machine, the date and one markdown table for benchmarks/RESULTS.md.
 """

@@ -43,11 +43,13 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from clipita import catalog, embed, storage, training  # noqa: E402
+from clipita import embed, storage, training  # noqa: E402
+from clipita import workdir as workdir_layout  # noqa: E402
 from clipita.config import ConfigError, load_config  # noqa: E402
 from clipita.features import labels_for, load_categories, load_products  # noqa: E402
 from clipita.synth import CATEGORY_PATHS  # noqa: E402
 from clipita.tree import CategoryTree  # noqa: E402
+from clipita.vectors import vector_column  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared machine.py beside this script
 from machine import cpu, torch_device  # noqa: E402
@@ -69,10 +71,6 @@ def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _vector_column(rows: np.ndarray) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(rows.astype(np.float16).reshape(-1)), rows.shape[1])
-
-
 def write_random_features(workdir: str, n: int, image_dim: int, text_dim: int, part_rows: int = 4096) -> None:
     """features/products/*.parquet (through embed.write_part, as jobs.embed writes them) and
     features/categories.parquet (the columns features.load_categories reads) of random unit vectors."""
@@ -87,19 +85,19 @@ def write_random_features(workdir: str, n: int, image_dim: int, text_dim: int, p
             "source": [""] * k,
         }, schema=embed.ROW_SCHEMA)
         for name, d in (("image_emb", image_dim), ("title_emb", text_dim), ("attr_emb", text_dim)):
-            rows = rows.append_column(name, _vector_column(_unit(rng, k, d)))
+            rows = rows.append_column(name, vector_column(_unit(rng, k, d).astype(np.float16)))
         embed.write_part(workdir, f"f00000-r{start:09d}", rows)
     tree = CategoryTree(paths)
     ids = sorted(tree.nodes)
     table = pa.table({"category": ids, "name": [c.rsplit(" > ", 1)[-1] for c in ids],
                       "depth": [tree.depth(c) for c in ids], "parent": [tree.parent(c) for c in ids],
                       "products": [tree.nodes[c].products for c in ids],
-                      **{f"{kind}_{mode}": _vector_column(_unit(rng, len(ids), text_dim if kind == "text" else
-                                                                image_dim))
+                      **{f"{kind}_{mode}": vector_column(_unit(rng, len(ids), text_dim if kind == "text" else
+                                                               image_dim).astype(np.float16))
                          for kind in ("text", "clip") for mode in ("name", "path")}})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    storage.write_bytes(storage.join(embed.features_dir(workdir), "categories.parquet"), sink.getvalue().to_pybytes())
+    storage.write_bytes(workdir_layout.categories_file(workdir), sink.getvalue().to_pybytes())
 
 
 def steady(rates: list[float]) -> float:
@@ -166,7 +164,7 @@ def run_job(workdir: str, cfg, ray_cpus: int, omp_threads: int | None) -> dict:
         wall = time.perf_counter() - t0
     finally:
         ray.shutdown()
-    history = storage.read_json(storage.join(training.run_dir(workdir, VARIANT, SETTING), "curve.json"))
+    history = storage.read_json(storage.join(workdir_layout.run_dir(workdir, VARIANT, SETTING), "curve.json"))
     shutil.rmtree(storage.join(workdir, "checkpoints"), ignore_errors=True)
     return {"rates": [h["samples_per_s"] for h in history], "wall": wall,
             "other": wall - sum(h["seconds"] for h in history), "n": stats["train_products"]}

@@ -86,7 +86,6 @@ class SparseBM25:
         # The document half of get_scores' denominator, same expression, computed once instead of per query.
         self.norm = self.k1 * (1 - self.b + self.b * self.doc_len / self.avgdl)
 
-
     def __len__(self) -> int:
         return len(self.doc_len)
 

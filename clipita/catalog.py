@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 from collections import Counter
-from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,26 +33,17 @@ SCHEMA = pa.schema([
     ("image", pa.string()),
 ])
 QUARANTINE_SCHEMA = pa.schema([("product_id", pa.string()), ("reason", pa.string()), ("source", pa.string())])
+REJECTS_FILE = "conversion_rejects.parquet"  # a converter's (jobs.xmarket, jobs.icons) rows it did not take
+
+
+def write_converted(out: str, products: list[dict], rejects: list[dict]) -> None:
+    """A converter's output: ``<out>/products.parquet`` (SCHEMA) and ``<out>/REJECTS_FILE`` (QUARANTINE_SCHEMA)."""
+    storage.write_parquet(storage.join(out, "products.parquet"), pa.Table.from_pylist(products, schema=SCHEMA))
+    storage.write_parquet(storage.join(out, REJECTS_FILE), pa.Table.from_pylist(rejects, schema=QUARANTINE_SCHEMA))
 
 
 class CatalogError(ValueError):
     """A catalogue that cannot be read at all; the message is one line."""
-
-
-@dataclass
-class Catalog:
-    root: str
-    products: pa.Table  # usable rows, SCHEMA
-    quarantine: pa.Table  # QUARANTINE_SCHEMA
-    files: list[str] = field(default_factory=list)
-
-    @property
-    def counts(self) -> dict[str, int]:
-        return {"read": self.products.num_rows + self.quarantine.num_rows, "used": self.products.num_rows,
-                "quarantined": self.quarantine.num_rows}
-
-    def reasons(self) -> dict[str, int]:
-        return dict(Counter(self.quarantine.column("reason").to_pylist()))
 
 
 def product_files(root: str) -> list[str]:
@@ -158,21 +148,3 @@ def duplicate_ids(tables: list[pa.Table]) -> dict[str, int]:
     """id -> row count, for ids that appear more than once across all the tables."""
     counts = Counter(v for t in tables for v in ids_of(t) if v is not None)
     return {k: n for k, n in counts.items() if n > 1}
-
-
-def read_catalog(root: str) -> Catalog:
-    """Read and validate a whole catalogue's product table (metadata only; images are read by the jobs)."""
-    files = product_files(root)
-    tables = []
-    for uri in files:
-        t = read_file(uri)
-        check_columns(t, uri)
-        tables.append(t)
-    dups = duplicate_ids(tables)
-    goods, bads = [], []
-    for uri, t in zip(files, tables):
-        g, b = validate(t, uri, dups)
-        goods.append(g)
-        bads.append(b)
-    return Catalog(root, pa.concat_tables(goods) if goods else SCHEMA.empty_table(),
-                   pa.concat_tables(bads) if bads else QUARANTINE_SCHEMA.empty_table(), files)

@@ -13,6 +13,9 @@ from typing import Any
 
 import yaml
 
+from clipita import storage
+from clipita.tree import val_holdout_fraction
+
 
 class ConfigError(ValueError):
     """A bad config value or file; the message is one line naming the field."""
@@ -66,7 +69,7 @@ class DataConfig:
     @property
     def val_holdout_fraction(self) -> float:
         """``unseen_val_fraction`` with its default (-1) resolved."""
-        return self.unseen_fraction / 2 if self.unseen_val_fraction == -1.0 else self.unseen_val_fraction
+        return val_holdout_fraction(self.unseen_fraction, self.unseen_val_fraction)
 
 
 @dataclass(frozen=True)
@@ -114,8 +117,8 @@ class EmbedConfig:
     part_rows: int = 512  # products per output part: the unit of work, of output files and of resume
     batch_size: int = 64  # products per encoder call
     image_batch_size: int = 0  # images per image-tower forward; 0: 8 on CPU (a convnet's activations then stay in
-    #                            cache: 3x the images/s of 64 for EfficientNet-Lite0 on 2 cores, RESULTS.md), on GPU
-    #                            batch_size
+    #                            cache: 3x the images/s of 64 for EfficientNet-Lite0 on 2 cores, 1.4x in the job;
+    #                            benchmarks/history/image-tower.md), on GPU batch_size
     min_actors: int = 1  # encoder actor pool autoscales between min_actors and max_actors
     max_actors: int = 1
     gpus_per_actor: float = 0.0  # 0 runs the encoders on CPU; 1 pins one GPU per actor
@@ -142,6 +145,13 @@ class EmbedConfig:
         _check_range("embed.torch_threads", self.torch_threads, 0, 1024)
         _check_choice("embed.dtype", self.dtype, ("float16", "float32"))
 
+    @property
+    def image_batch(self) -> int:
+        """Images per image-tower forward: ``image_batch_size``, else 8 on CPU encoders and ``batch_size`` on GPU."""
+        if self.image_batch_size:
+            return self.image_batch_size
+        return self.batch_size if self.gpus_per_actor > 0 else min(8, self.batch_size)
+
 
 SELECTIONS = ("loss", "retrieval")  # train.select: what best/ is chosen on (validation split only)
 
@@ -167,7 +177,7 @@ class TrainConfig:
         # pull of the trained category vectors toward the frozen encoder's (weight 5). A run stops once 5 epochs in
         # a row have not improved its selection: with the sharp learnt τ the heads fit within a few epochs. No
         # e-CLIP label mask: without it the validation HM was higher in 5 of 6 catalogue x setting cells. Every
-        # choice was made on validation figures only (benchmarks/RESULTS.md "recipes").
+        # choice was made on validation figures only (benchmarks/history/recipes.md).
         "residual": {"tau": 0.07, "learnable_tau": True, "label_mask": False, "select": "retrieval",
                      "kg_weight": 5.0, "patience": 5},
     }
@@ -253,10 +263,10 @@ class IndexConfig:
     gpus_per_actor: float = 0.0  # GPUs per vector actor (0: CPU)
     build_threads: int = 1  # CPUs and insert threads per shard task: 1 = the same graph every build, 0 = every core
     dtype: str = "f16"  # stored vector precision: f32 | f16 | i8 (USearch quantisation); f16: half the RAM, recall
-    #                     0.99+ at the ef below (benchmarks/RESULTS.md "index")
+    #                     0.99+ at the ef below (benchmarks/history/index.md)
     connectivity: int = 16  # HNSW M: graph degree
     # HNSW ef at build time: 64 builds 2.4x faster than 128, and with expansion_search 128 keeps recall@10 >= 0.998 at
-    # 100k and 1M (benchmarks/RESULTS.md "index", 2026-11-22 10:00)
+    # 100k and 1M (benchmarks/history/index.md, 2026-11-22 10:00)
     expansion_add: int = 64
     expansion_search: int = 128  # HNSW ef at query time (at least k); evaluation ranks exactly, serving walks the graph
 
@@ -341,7 +351,6 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     """Load a YAML config (or the defaults when ``path`` is None) and apply ``{"section.key": value}`` overrides."""
     raw: dict = {}
     if path:
-        from clipita import storage
 
         try:
             raw = yaml.safe_load(storage.read_bytes(path)) or {}

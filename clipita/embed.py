@@ -32,13 +32,14 @@ import pyarrow.parquet as pq
 
 from clipita import catalog, storage
 from clipita.config import Config, EmbedConfig, EncoderConfig
+from clipita.images import ImageError, load_image
+from clipita.runtime import Every, node_cores
 from clipita.tree import CategoryTree, category_id, query_text
+from clipita.vectors import vector_column
+from clipita.workdir import (catalog_record, categories_file, encoders_record, features_dir, product_features_dir,
+                             quarantine_dir, stage_stats)
 
 IDS_PER_BUCKET = 2_000_000  # ids one duplicate-finding reduce task holds
-
-
-def features_dir(workdir: str) -> str:
-    return storage.join(workdir, "features")
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,6 @@ class ReadParts:
         return self._groups[3].slice(start - self._groups[2], stop - start)
 
     def load(self, location: str) -> tuple[np.ndarray | None, str]:
-        from clipita.images import ImageError, load_image
 
         uri = storage.resolve(self.root, location)
         try:
@@ -201,8 +201,6 @@ def _append(out: dict[str, list], row: dict) -> None:
 def torch_threads(cfg: EmbedConfig) -> int:
     """Threads of a CPU encoder: ``embed.torch_threads``, else this node's cores shared by the encoder actors (the
     read actors reserve little CPU and mostly wait on storage, so the cores they leave idle go to the encoder)."""
-    from clipita.runtime import node_cores
-
     return cfg.torch_threads or max(1, int(cfg.cpus_per_actor), node_cores() // cfg.max_actors)
 
 
@@ -219,6 +217,7 @@ class EmbedParts:
         if cfg.gpus_per_actor == 0:
             torch.set_num_threads(torch_threads(cfg))
         self.workdir, self.expected, self.batch_size = workdir, expected, cfg.batch_size
+        self.image_batch = cfg.image_batch
         self.image, self.text = ImageEncoder(enc), TextEncoder(enc)
         self.dtype = np.dtype(cfg.dtype)
 
@@ -230,14 +229,14 @@ class EmbedParts:
         attrs = np.zeros((n, self.text.dim), self.dtype)
         if ok.any():
             pixels = rows.column("pixels").combine_chunks().to_numpy()
-            image[ok] = self.image.encode(pixels[ok], self.batch_size)
+            image[ok] = self.image.encode(pixels[ok], self.image_batch)
             title[ok] = self.text.encode([t for t, k in zip(rows.column("title").to_pylist(), ok) if k],
                                          self.batch_size)
             attrs[ok] = self.text.encode_attributes(
                 [a for a, k in zip(rows.column("attributes").to_pylist(), ok) if k], self.batch_size)
         out = rows.drop_columns(["pixels"])
         for name, values in (("image_emb", image), ("title_emb", title), ("attr_emb", attrs)):
-            out = out.append_column(name, _vector_column(values))
+            out = out.append_column(name, vector_column(values))
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -253,20 +252,15 @@ class EmbedParts:
                                                  ("quarantined", pa.int64())]))
 
 
-def _vector_column(rows: np.ndarray) -> pa.Array:
-    flat = pa.array(rows.reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, rows.shape[1])
-
-
 def write_part(workdir: str, part: str, rows: pa.Table) -> tuple[int, int]:
     """Write one finished part: quarantine first, then features (whose existence marks the part done)."""
     ok = pc.equal(rows.column("reason"), "")
     bad = rows.filter(pc.invert(ok))
-    storage.write_parquet(storage.join(workdir, "quarantine", f"{part}.parquet"),
+    storage.write_parquet(storage.join(quarantine_dir(workdir), f"{part}.parquet"),
                    bad.select(["product_id", "reason", "source"]).cast(catalog.QUARANTINE_SCHEMA))
     good = rows.filter(ok).drop_columns(["part", "reason", "source"])
     good = good.append_column("n_attributes", pc.cast(pc.list_value_length(good.column("attributes")), pa.int32()))
-    storage.write_parquet(storage.join(features_dir(workdir), "products", f"{part}.parquet"), good)
+    storage.write_parquet(storage.join(product_features_dir(workdir), f"{part}.parquet"), good)
     return good.num_rows, bad.num_rows
 
 
@@ -297,9 +291,9 @@ def embed_tree(paths: list[tuple[str, ...]], cfg: Config) -> pa.Table:
     return pa.table({
         "category": ids, "name": names, "depth": [tree.depth(c) for c in ids],
         "parent": [tree.parent(c) for c in ids],
-        "text_name": _vector_column(text.encode(names)), "text_path": _vector_column(text.encode(ids)),
-        "clip_name": _vector_column(image.encode_text([prompt.format(n) for n in names])),
-        "clip_path": _vector_column(image.encode_text([prompt.format(c) for c in ids])),
+        "text_name": vector_column(text.encode(names)), "text_path": vector_column(text.encode(ids)),
+        "clip_name": vector_column(image.encode_text([prompt.format(n) for n in names])),
+        "clip_path": vector_column(image.encode_text([prompt.format(c) for c in ids])),
     })
 
 
@@ -325,8 +319,8 @@ def count_outputs(workdir: str, files_per_task: int = 64) -> tuple[int, Counter,
     and earlier ones'), by Ray tasks over the files."""
     import ray
 
-    feats = storage.parquet_files(storage.join(features_dir(workdir), "products"))
-    quarantine = storage.parquet_files(storage.join(workdir, "quarantine"))
+    feats = storage.parquet_files(product_features_dir(workdir))
+    quarantine = storage.parquet_files(quarantine_dir(workdir))
     task = ray.remote(num_cpus=1)(_count_outputs)
     refs = [task.remote(feats[i:i + files_per_task], []) for i in range(0, len(feats), files_per_task)]
     refs += [task.remote([], quarantine[i:i + files_per_task]) for i in range(0, len(quarantine), files_per_task)]
@@ -342,14 +336,13 @@ def run_embed(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
     import ray.data
 
     from clipita.encoders import image_preprocess_spec
-    from clipita.runtime import Every
 
     t0 = time.time()
     ec = cfg.embed
     catalog_root, workdir = storage.absolute(catalog_root), storage.absolute(workdir)
     parts = plan_parts(catalog_root, ec.part_rows)
-    storage.write_json(storage.join(workdir, "catalog.json"), {"catalog": catalog_root})
-    recorded = storage.join(features_dir(workdir), "encoders.json")
+    storage.write_json(catalog_record(workdir), {"catalog": catalog_root})
+    recorded = encoders_record(workdir)
     if storage.exists(recorded) and storage.read_json(recorded) != dataclasses.asdict(cfg.encoders):
         raise ValueError(f"{workdir} holds features of other encoders ({recorded}): use a new workdir or the "
                          f"same encoders config")
@@ -358,7 +351,7 @@ def run_embed(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
     todo = [p for p in parts if p.name not in done]
     log(f"embed: {len(parts)} parts ({sum(p.stop - p.start for p in parts)} rows) in {catalog_root}; "
         f"{len(parts) - len(todo)} already finished, {len(todo)} to do")
-    categories_uri = storage.join(features_dir(workdir), "categories.parquet")
+    categories_uri = categories_file(workdir)
     tree_ref = None
     used = quarantined = 0
     if todo or not storage.exists(categories_uri):
@@ -402,5 +395,5 @@ def run_embed(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
              "quarantined": sum(reasons.values()), "reasons": dict(reasons), "parts": len(parts),
              "parts_this_run": len(todo), "seconds": round(seconds, 2), "embedded_this_run": used,
              "products_per_s": round(used / seconds, 2) if seconds > 0 else None, "categories": n_categories}
-    storage.write_json(storage.join(features_dir(workdir), "stats.json"), stats)
+    storage.write_json(stage_stats(workdir, "embed"), stats)
     return stats

@@ -19,18 +19,20 @@ Outputs: metrics.json (DESIGN.md rows), metrics.md (Table 1 layout with the pape
 """
 from __future__ import annotations
 
-import io
 import math
 import time
 
 import numpy as np
 
-from clipita import metrics, storage
+from clipita import metrics, plots, storage
+from clipita.bm25 import BM25Corpus, SparseBM25
 from clipita.features import census, labeler_for, load_categories, load_tree, recorded_encoders
-from clipita.index import IndexIntegrityError, ShardedIndex, group_dir, group_name
+from clipita.index import IndexIntegrityError, ShardedIndex, read_rows
 from clipita.metrics import per_query_metrics
-from clipita.rankers import MODELS, TRAINED, Queries, load_ranker
+from clipita.models import MODELS, REGISTRY, ROWS_GROUP
+from clipita.rankers import Queries, load_ranker
 from clipita.tree import SEP, SETTINGS
+from clipita.workdir import group_dir, metrics_file, stage_stats
 
 METRICS = ("P@1", "P@5", "P@10", "mAP@5", "mAP@10", "R-prec")
 SPLITS = ("all", "seen", "unseen")
@@ -78,11 +80,8 @@ class QueryRanker:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        from clipita.bm25 import SparseBM25
-        from clipita.index import read_rows
-
         self.workdir, self.shards, self.base = workdir, shards, base
-        uri = group_dir(workdir, "test", "mpnet")
+        uri = group_dir(workdir, "test", ROWS_GROUP)
         manifest = storage.read_json(storage.join(uri, "manifest.json"))
         labels: dict[str, list[np.ndarray]] = {s: [] for s in SETTINGS}
         ancestors, ids, titles = [], [], []
@@ -124,19 +123,21 @@ class QueryRanker:
             index = ShardedIndex(group_dir(self.workdir, "test", group), columns=None, shards=self.shards)
             if len(index) != self.count:
                 raise IndexIntegrityError(f"index test/{group} has {len(index)} products in shards {self.shards}, "
-                                          f"test/mpnet {self.count}: run jobs.index")
+                                          f"test/{ROWS_GROUP} {self.count}: run jobs.index")
             self.indexes[group] = index
         return self.indexes[group]
 
-    def top_k(self, setting: str, group: str, queries, nodes: np.ndarray, k: int, ef: int, sample: int) -> dict:
-        """Exact top-k of this partition: bm25 through its inverted index, dense models by usearch's brute-force
-        scan of the shards (the metrics describe the model, not the approximation of a graph walk). Returns the
-        scores, the merge's tie-break keys (global row; product id for bm25), exact and hierarchy hits, and for
-        the first ``sample`` queries the HNSW walk serving would do (global rows, scores)."""
+    def top_k(self, setting: str, group: str | None, queries, nodes: np.ndarray, k: int, ef: int,
+              sample: int) -> dict:
+        """Exact top-k of this partition: a sparse model (``group`` None: its queries are words) through the BM25
+        inverted index, a dense model (its index group, its query vectors) by usearch's brute-force scan of the
+        shards (the metrics describe the model, not the approximation of a graph walk). Returns the scores, the
+        merge's tie-break keys (global row; product id for BM25), exact and hierarchy hits, and for the first
+        ``sample`` queries the HNSW walk serving would do (global rows, scores)."""
         import pyarrow as pa
 
         k = min(k, self.count)
-        if group == "bm25":
+        if group is None:
             rows, scores = self.bm25.top_k(queries, k)
             key = self.sorted_ids.take(pa.array(rows.ravel()))
             rows = self.by_id[rows]
@@ -146,7 +147,7 @@ class QueryRanker:
             key = np.where(rows >= 0, rows + self.base, -1)
         out = {"score": scores, "key": key, "hits": (self.labels[setting][np.maximum(rows, 0)] == nodes[:, None])
                & (rows >= 0), "hierarchy": hierarchy_hits(rows, self.ancestors, nodes), "walk": None}
-        if group != "bm25" and sample:
+        if group is not None and sample:
             top = min(10, self.count)
             walk = self._index(group).search(queries[:sample], top, ef=max(ef, top))
             out["walk"] = (np.where(walk.rows >= 0, walk.rows + self.base, -1), walk.scores)
@@ -155,8 +156,6 @@ class QueryRanker:
 
 def bm25_corpus(*stats):
     """Ray task: the partitions' bm25 statistics merged (idf over the whole test split)."""
-    from clipita.bm25 import BM25Corpus
-
     return BM25Corpus.merge([s for s in stats if s])
 
 
@@ -233,13 +232,13 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
 
     t0 = time.time()
     workdir = storage.absolute(workdir)
-    if not storage.exists(storage.join(group_dir(workdir, "test", "mpnet"), "manifest.json")):
+    if not storage.exists(storage.join(group_dir(workdir, "test", ROWS_GROUP), "manifest.json")):
         raise FileNotFoundError(f"no index under {workdir}/index/test: run jobs.index first")
     tree, categories = load_tree(workdir), load_categories(workdir)
     labeler = labeler_for(workdir, cfg.data, tree)
     counts = census(workdir, labeler)
     node_index = {c: i for i, c in enumerate(categories.ids)}
-    manifest = storage.read_json(storage.join(group_dir(workdir, "test", "mpnet"), "manifest.json"))
+    manifest = storage.read_json(storage.join(group_dir(workdir, "test", ROWS_GROUP), "manifest.json"))
     n_candidates = sum(e["count"] for e in manifest["shards"])
     if n_candidates == 0:
         raise ValueError("the test split is empty: raise data.test_fraction or add products")
@@ -274,12 +273,12 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
             try:
                 ranker = load_ranker(workdir, model, setting)
             except Exception as e:  # noqa: BLE001 - a model not trained yet is reported and skipped
-                if model in TRAINED:
+                if REGISTRY[model].trained:
                     log(f"evaluate: {setting}/{model}: skipped ({str(e).splitlines()[0]})")
                     continue
                 raise
-            group_ = "bm25" if model == "bm25" else group_name(model, setting if model in TRAINED else None)
-            vectors = None if model == "bm25" else ranker.query_vectors(queries)
+            group_ = REGISTRY[model].index_group(setting)  # None: a sparse model, ranked from the words
+            query_input = ranker.query_input(queries)
             per_query: dict[str, dict[str, np.ndarray]] = {"hits": {}, "hierarchy": {}}
             recall: list[float] = []
 
@@ -295,7 +294,7 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
                 if len(pending) >= 2 * replicas:  # bounds the top-k lists waiting in the object store
                     done, _ = ray.wait(list(pending), num_returns=1)
                     collect(done[0], pending.pop(done[0]))
-                q = [queries.texts[j] for j in idx] if vectors is None else vectors[idx]
+                q = [query_input[j] for j in idx] if group_ is None else query_input[idx]
                 sample = min(budget, len(idx))
                 budget -= sample
                 k = int(depth[idx].max())
@@ -304,7 +303,7 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
                 pending[merge.remote(k, n_rel[idx], h_rel[idx], *tops)] = idx
             for ref, idx in pending.items():
                 collect(ref, idx)
-            how = "exact" if model == "bm25" else "usearch exact"  # both return the exact top-k
+            how = "usearch exact" if group_ else "exact"  # both return the exact top-k
             index_recall = float(np.mean(recall)) if recall else None
             for split in SPLITS:
                 sel = np.ones(len(query_ids), bool) if split == "all" else (seen if split == "seen" else ~seen)
@@ -324,12 +323,12 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
     add_base_to_new(rows)
     note = recorded_encoders(workdir).zero_shot_note
     for r in rows:
-        if r["model"] == "clip" and note:  # kept, and said why it is no baseline (metrics.md marks it too)
+        if note and REGISTRY[r["model"]].reads_clip_text:  # kept, and said why it is no baseline (metrics.md too)
             r["note"] = note
-    storage.write_json(storage.join(workdir, "metrics.json"), rows)
-    storage.write_bytes(storage.join(workdir, "metrics.md"), metrics_markdown(rows).encode())
-    storage.write_bytes(storage.join(workdir, "metrics.png"), metrics_png(rows))
-    storage.write_json(storage.join(workdir, "evaluation", "stats.json"), {
+    storage.write_json(metrics_file(workdir), rows)
+    storage.write_bytes(metrics_file(workdir, "md"), metrics_markdown(rows).encode())
+    storage.write_bytes(metrics_file(workdir, "png"), metrics_png(rows))
+    storage.write_json(stage_stats(workdir, "evaluate"), {
         "stage": "evaluate", "rows": len(rows), "candidates": n_candidates,
         "unseen_queries": {s: next(r["queries"] for r in rows if r["setting"] == s and r["split"] == "unseen")
                            for s in SETTINGS if any(r["setting"] == s for r in rows)},
@@ -344,12 +343,6 @@ def _fmt(v) -> str:
 HM_METRICS = ("R-prec", "P@10")  # reported as seen / unseen / harmonic mean (base-to-new generalisation)
 
 
-def harmonic_mean(seen: float | None, unseen: float | None) -> float | None:
-    """metrics.harmonic_mean of a metrics row's seen and unseen figures, rounded as the rows are; None when a side
-    has no queries."""
-    return None if seen is None or unseen is None else round(metrics.harmonic_mean(seen, unseen), 4)
-
-
 def add_base_to_new(rows: list[dict]) -> None:
     """Each ``all`` row gets ``base_to_new``: {metric: {"seen", "unseen", "hm"}} for HM_METRICS."""
     by_key = {(r["setting"], r["model"], r["split"]): r for r in rows}
@@ -358,7 +351,7 @@ def add_base_to_new(rows: list[dict]) -> None:
             seen, unseen = by_key.get((r["setting"], r["model"], "seen")), by_key.get((r["setting"], r["model"],
                                                                                          "unseen"))
             r["base_to_new"] = {m: {"seen": seen and seen[m], "unseen": unseen and unseen[m],
-                                    "hm": harmonic_mean(seen and seen[m], unseen and unseen[m])}
+                                    "hm": _clean(metrics.harmonic_mean(seen and seen[m], unseen and unseen[m]))}
                                 for m in HM_METRICS}
 
 
@@ -400,11 +393,7 @@ def metrics_markdown(rows: list[dict]) -> str:
 
 
 def metrics_png(rows: list[dict]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 3.8), squeeze=False)
     models = [m for m in MODELS if any(r["model"] == m for r in rows)]
@@ -420,8 +409,4 @@ def metrics_png(rows: list[dict]) -> bytes:
         ax.set_xticks(np.arange(len(METRICS)) + 0.4 - width / 2, METRICS)
         ax.set(title=f"setting: {setting}", ylabel="%")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return plots.png(fig)

@@ -10,8 +10,6 @@ counts (``census``). ``load_products`` (everything in one process) is for small 
 """
 from __future__ import annotations
 
-import functools
-import time
 from dataclasses import dataclass, fields
 from typing import Iterator
 
@@ -20,21 +18,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipita import storage
-from clipita.config import DataConfig
-from clipita.embed import features_dir, read_parquet_dir
+from clipita.config import DataConfig, EncoderConfig, section_from_dict
+from clipita.embed import read_parquet_dir
 from clipita.tree import SETTINGS, CategoryTree, Labeler, Labels, assign_labels, category_id, unit_hash
+from clipita.ray_compat import idle_backoff
+from clipita.vectors import vectors
+from clipita.workdir import categories_file, encoders_record, product_features_dir
 
 BLOCK_BYTES = 32 * 2**20  # Ray Data block size for the feature streams (Ray's default is 128 MiB)
 COLUMNS = {"image": "image_emb", "title": "title_emb", "attributes": "attr_emb"}  # model input -> its column
-
-
-def vectors(column: pa.ChunkedArray | pa.Array, keep_half: bool = False) -> np.ndarray:
-    """A fixed-size-list column as a float32 (N, D) matrix (float16 stays float16 with ``keep_half``)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    dtype = np.float16 if keep_half and arr.type.value_type == pa.float16() else np.float32
-    if len(arr) == 0:
-        return np.zeros((0, arr.type.list_size), dtype)
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1).astype(dtype, copy=False)
 
 
 @dataclass
@@ -73,13 +65,13 @@ class Products:
 
 def load_products(workdir: str) -> Products:
     """Every product in this process, sorted by id: small catalogues and tests only (jobs stream instead)."""
-    t = read_parquet_dir(storage.join(features_dir(workdir), "products"))
+    t = read_parquet_dir(product_features_dir(workdir))
     return Products.from_table(t.sort_by("product_id"))  # a stable order whatever the order parts finished in
 
 
 def product_files(workdir: str) -> list[str]:
     """URIs of the products' parquet files, in name order."""
-    uri = storage.join(features_dir(workdir), "products")
+    uri = product_features_dir(workdir)
     files = storage.parquet_files(uri)
     if not files:
         raise FileNotFoundError(f"no parquet files under {uri}: run jobs.embed (or bring features, README)")
@@ -126,7 +118,7 @@ class FeatureSource:
     """Ray Data datasource of the products' parquet files: one read task per run of whole row groups of one file
     (about READ_TASK_ROWS rows), planned on the driver from the files' footers (per file and row group, never per
     product). Ray's own parquet reader pre-buffers whole row groups and reads batches ahead: 0.6-0.8 GB per read
-    task on production-width rows; this one holds about READ_BATCH_ROWS rows (benchmarks/RESULTS.md, scale)."""
+    task on production-width rows; this one holds about READ_BATCH_ROWS rows (benchmarks/history/scale.md)."""
 
     def __init__(self, files: list[str], columns: list[str] | None = None):
         from concurrent.futures import ThreadPoolExecutor
@@ -172,38 +164,6 @@ class FeatureSource:
         return _Source()
 
 
-IDLE_SLEEP_S = 0.02  # the idle backoff's pause after a scheduling step in which nothing moved
-
-
-@functools.cache
-def _idle_backoff():
-    """A Ray Data execution callback class, built on first use (this module does not import Ray).
-
-    Ray 2.60's scheduling loop spins while a stream is held back by its object-store budget (``data.stream_mb``):
-    ray.wait returns at once for tasks whose next output is ready but may not be read yet (ray#65060 describes
-    the spin). While its consumer trains or builds an index, that burned 0.6-0.7 core of a 2-core node in the
-    streaming_split coordinator (benchmarks/RESULTS.md scale). This sleeps 20 ms after a loop step in which
-    nothing moved: negligible latency against read tasks of a second or more. A local class: Ray pickles it by
-    value into the executor's process."""
-    from ray.data._internal.execution.execution_callback import ExecutionCallback
-
-    class IdleBackoff(ExecutionCallback):
-        last = None
-
-        def on_execution_step(self, executor) -> None:
-            try:  # Ray 2.60's executor internals: another layout turns the backoff off, never the stream
-                state = [(op.metrics.num_outputs_taken, op.metrics.num_task_outputs_generated,
-                          op.metrics.num_tasks_submitted, s.total_enqueued_input_blocks(),
-                          s.total_enqueued_output_blocks()) for op, s in (executor._topology or {}).items()]
-            except (AttributeError, TypeError):
-                return
-            if state == self.last:  # nothing moved since the last step: held back, or waiting on tasks
-                time.sleep(IDLE_SLEEP_S)
-            self.last = state
-
-    return IdleBackoff
-
-
 def products_dataset(source: FeatureSource, stream_mb: int = 0, transform=None):
     """The products as a Ray dataset (blocks stream; nothing is gathered on the driver): FeatureSource read tasks,
     blocks of at most BLOCK_BYTES, so a task or actor holds a few of them whatever the files' layout.
@@ -217,8 +177,8 @@ def products_dataset(source: FeatureSource, stream_mb: int = 0, transform=None):
 
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = min(ctx.target_max_block_size or BLOCK_BYTES, BLOCK_BYTES)
-    if _idle_backoff() not in ctx.custom_execution_callback_classes:
-        ctx.custom_execution_callback_classes = [*ctx.custom_execution_callback_classes, _idle_backoff()]
+    if idle_backoff() not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes = [*ctx.custom_execution_callback_classes, idle_backoff()]
     if stream_mb:
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
@@ -239,7 +199,7 @@ class Categories:
 
 
 def load_categories(workdir: str) -> Categories:
-    uri = storage.join(features_dir(workdir), "categories.parquet")
+    uri = categories_file(workdir)
     t = pq.read_table(pa.BufferReader(storage.read_bytes(uri)))
     return Categories(
         ids=np.asarray(t.column("category").to_pylist(), dtype=object),
@@ -251,14 +211,12 @@ def load_categories(workdir: str) -> Categories:
 
 def recorded_encoders(workdir: str):
     """The EncoderConfig jobs.embed used for this workdir's features (queries must be embedded alike)."""
-    from clipita.config import EncoderConfig, section_from_dict
-
-    return section_from_dict(EncoderConfig, storage.read_json(storage.join(features_dir(workdir), "encoders.json")),
+    return section_from_dict(EncoderConfig, storage.read_json(encoders_record(workdir)),
                              "encoders")
 
 
 def load_tree(workdir: str) -> CategoryTree:
-    uri = storage.join(features_dir(workdir), "categories.parquet")
+    uri = categories_file(workdir)
     columns = ["category", "name", "depth", "parent", "products"]
     return CategoryTree.from_table(pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=columns))
 

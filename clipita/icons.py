@@ -54,14 +54,11 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from clipita import storage
-from clipita.catalog import QUARANTINE_SCHEMA, SCHEMA
+from clipita.catalog import write_converted
 
-REJECTS_FILE = "conversion_rejects.parquet"
 METADATA = "metadata.json"
 MIN_SIZE, MAX_SIZE = 16, 2048
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # also a safe file name for images/<name>.png
@@ -251,12 +248,6 @@ def rasterise(svg: bytes, size: int) -> bytes:
     return buf.getvalue()
 
 
-def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
-    return buf.getvalue()
-
-
 def convert(package: str, out: str, size: int = 128, workers: int = 4, drop_path_tags: bool = False,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write ``<out>/products.parquet``, ``<out>/images/<name>.png`` and ``<out>/conversion_rejects.parquet``;
@@ -331,8 +322,7 @@ def convert(package: str, out: str, size: int = 128, workers: int = 4, drop_path
                 log(f"icons: rendered {n:,} of {len(candidates):,}")
     rejects.sort(key=lambda r: int(r["source"].rsplit("[", 1)[1].rstrip("]")))  # metadata order
 
-    storage.write_bytes(storage.join(out, "products.parquet"), _table(products, SCHEMA))
-    storage.write_bytes(storage.join(out, REJECTS_FILE), _table(rejects, QUARANTINE_SCHEMA))
+    write_converted(out, products, rejects)
     tags = [sum(a.startswith("tag: ") for a in p["attributes"]) for p in products]
     return {"package": info["name"], "version": info["version"], "license": info["license"],
             "entries": len(entries), "products": len(products), "rejected": len(rejects),

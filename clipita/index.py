@@ -33,6 +33,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipita import storage
+from clipita.features import (COLUMNS, FeatureSource, Products, labeler_for, product_files, products_dataset,
+                              read_table, vector_width)
+from clipita.models import DENSE, REGISTRY, TRAINED_MODELS
+from clipita.rankers import HeadRanker, load_ranker
+from clipita.runtime import Every
+from clipita.tree import SETTINGS
+from clipita.vectors import unit_rows, vector_column, vectors
+from clipita.workdir import index_dir, stage_stats
 
 DTYPES = ("f32", "f16", "i8")
 SCOPES = ("test", "all")
@@ -40,31 +48,12 @@ ROW_COLUMNS = ["product_id", "title", "image", "category_path"]
 DTYPE_BYTES = {"f32": 4, "f16": 2, "i8": 1}
 GRAPH_BYTES = 200  # HNSW links + key per vector at M = 16 (usearch's own estimate is ~2·M·4 + overhead)
 # Inner product on vectors normalised before they are stored: the cosine, without usearch's per-distance norms
-# (13-15% faster builds, RESULTS.md "index"). usearch's i8 inner product is not rescaled: i8 keeps "cos".
+# (13-15% faster builds, benchmarks/history/index.md). usearch's i8 inner product is not rescaled: i8 keeps "cos".
 METRICS = {"f32": "ip", "f16": "ip", "i8": "cos"}
-
-
-def unit_rows(x: np.ndarray, block: int = 8192) -> np.ndarray:
-    """Rows scaled to unit length, float32 and contiguous (all-zero rows stay zero). In blocks of rows, so no
-    temporary as large as ``x`` is made (a whole-array norm cost 0.15-0.5 s at 100k x 512, blocks 0.09 s)."""
-    out = np.empty(x.shape, dtype=np.float32)
-    for start in range(0, len(x), block):
-        rows = np.asarray(x[start:start + block], dtype=np.float32)
-        norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
-        np.divide(rows, np.maximum(norms, np.float32(1e-12))[:, None], out=out[start:start + block])
-    return out
 
 
 class IndexIntegrityError(RuntimeError):
     """A shard or manifest that does not match what was built; one line naming it."""
-
-
-def group_name(model: str, setting: str | None) -> str:
-    return f"{model}-{setting}" if setting else model
-
-
-def group_dir(workdir: str, scope: str, group: str) -> str:
-    return storage.join(workdir, "index", scope, group)
 
 
 def _sha256(data: bytes) -> str:
@@ -285,16 +274,12 @@ def read_rows(uri: str, manifest: dict, columns: list[str]) -> pa.Table:
 
 
 def dense_groups(workdir: str, settings) -> list[tuple[str, str | None]]:
-    """(model, setting) of every dense model that can be indexed: the zero-shot baselines once, each trained
-    model per setting whose best checkpoint exists."""
-    from clipita.rankers import TRAINED, VARIANT_OF
-    from clipita.training import best_checkpoint
-
-    groups: list[tuple[str, str | None]] = [("mpnet", None), ("clip", None)]
+    """(model, setting) of every dense model that can be indexed: the zero-shot ones once, each trained model per
+    setting whose best checkpoint exists."""
+    groups: list[tuple[str, str | None]] = [(n, None) for n in DENSE if not REGISTRY[n].trained]
     for setting in settings:
-        for model in TRAINED:
-            if storage.exists(storage.join(best_checkpoint(workdir, VARIANT_OF[model], setting), "config.json")):
-                groups.append((model, setting))
+        groups += [(n, setting) for n in TRAINED_MODELS
+                   if storage.exists(storage.join(REGISTRY[n].checkpoint(workdir, setting), "config.json"))]
     return groups
 
 
@@ -307,9 +292,7 @@ class ProductVectors:
     def __init__(self, workdir: str, groups: list[tuple[str, str | None]], labeler, out_uri: str, dtype: str):
         import torch
 
-        from clipita.rankers import HeadRanker, load_ranker
-
-        self.rankers = {group_name(m, s): load_ranker(workdir, m, s) for m, s in groups}
+        self.rankers = {REGISTRY[m].index_group(s): load_ranker(workdir, m, s) for m, s in groups}
         if torch.cuda.is_available():  # the actor was given a GPU (index.gpus_per_actor): the heads run there
             for r in self.rankers.values():
                 if isinstance(r, HeadRanker):
@@ -320,15 +303,13 @@ class ProductVectors:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import uuid
 
-        from clipita.features import Products
-
         products = Products.from_table(batch)
         test = np.array([self.labeler.split(p, path) == "test" for p, path in zip(products.ids, products.paths)],
                         dtype=bool)
         out = batch.select(ROW_COLUMNS).append_column("is_test", pa.array(test))
         for g, ranker in self.rankers.items():
             v = np.asarray(ranker.product_vectors(products), dtype=self.dtype)
-            out = out.append_column(f"v:{g}", pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1]))
+            out = out.append_column(f"v:{g}", vector_column(v))
         name = f"{uuid.uuid4().hex}.parquet"  # a retried block writes a new file; only the returned ones are read
         storage.write_parquet(storage.join(self.out_uri, name), out)
         return pa.table({"file": [name], "rows": [batch.num_rows], "test_rows": [int(test.sum())],
@@ -370,8 +351,6 @@ def plan_shards(files: list[tuple[str, int]], shard_rows: int, parallel: int = 1
 def _build_shard(scope_uri: str, vectors_uri: str, slices: list[tuple[str, int, int]], groups: dict[str, int],
                  shard_no: int, test_only: bool, ic) -> dict[str, dict]:
     """Ray task: one shard per group from its own slices of the vectors files, read one file at a time."""
-    from clipita.features import read_table, vectors
-
     writer = ShardWriter(scope_uri, groups, "shard", ic.dtype, ic.connectivity, ic.expansion_add,
                          shard_no=shard_no, threads=ic.build_threads)
     for name, start, stop in slices:
@@ -387,16 +366,12 @@ def _build_shard(scope_uri: str, vectors_uri: str, slices: list[tuple[str, int, 
 
 def vector_dims(workdir: str, model: str, setting: str | None) -> int:
     """Width of a model's product vectors, read from the features' schema or the checkpoint (no vectors loaded)."""
-    from clipita.rankers import TRAINED, VARIANT_OF
+    spec = REGISTRY[model]
+    if spec.trained:
+        from clipita.checkpoint import load_metadata_config  # torch: loaded only where heads run
 
-    if model in TRAINED:
-        from clipita.checkpoint import load_metadata_config
-        from clipita.training import best_checkpoint
-
-        return int(load_metadata_config(best_checkpoint(workdir, VARIANT_OF[model], setting))["output_dim"])
-    from clipita.features import vector_width
-
-    return vector_width(workdir, {"mpnet": "title_emb", "clip": "image_emb"}[model])
+        return int(load_metadata_config(spec.checkpoint(workdir, setting))["output_dim"])
+    return vector_width(workdir, COLUMNS[spec.reads[0]])
 
 
 def rows_per_shard(ic, dims) -> int:
@@ -416,20 +391,16 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
 
     import ray.data
 
-    from clipita.features import FeatureSource, labeler_for, product_files, products_dataset
-    from clipita.runtime import Every
-    from clipita.tree import SETTINGS
-
     t0 = time.time()
     ic = cfg.index
     workdir = storage.absolute(workdir)
     labeler = labeler_for(workdir, cfg.data)
     groups = dense_groups(workdir, SETTINGS)
-    dims = {group_name(m, s): vector_dims(workdir, m, s) for m, s in groups}
+    dims = {REGISTRY[m].index_group(s): vector_dims(workdir, m, s) for m, s in groups}
     shard_rows = rows_per_shard(ic, dims.values())
     log(f"index: {len(groups)} models x 2 scopes ({', '.join(dims)}), shards of at most {shard_rows:,} products "
         f"({ic.dtype})")
-    root = storage.join(workdir, "index")
+    root = index_dir(workdir)
     fs, path = storage.filesystem(root)
     if fs.exists(path):  # a rebuild replaces everything: shards of an older run would not match the new rows
         fs.rm(path, recursive=True)
@@ -471,11 +442,13 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
 
     built = []
     for scope in SCOPES:
-        meta = {group_name(m, s): {"model": m, "setting": s, "scope": scope} for m, s in groups}
+        # what a reader of the index must search with to get what jobs.evaluate measured (serve reads them)
+        meta = {REGISTRY[m].index_group(s): {"model": m, "setting": s, "scope": scope, "expansion_search": ic.expansion_search,
+                                   "query_text": cfg.data.query_text} for m, s in groups}
         for g, manifest in write_manifests(storage.join(root, scope), dims, entries[scope], meta, ic.dtype).items():
             built.append({"group": g, "scope": scope, "count": manifest["count"], "shards": len(manifest["shards"])})
         log(f"index: {scope}: {built[-1]['count']:,} products in {built[-1]['shards']} shards per model")
     stats = {"stage": "index", "groups": built, "seconds": round(time.time() - t0, 2), "dtype": ic.dtype,
              "shard_rows": shard_rows, "vector_seconds": round(t1 - t0, 2)}
-    storage.write_json(storage.join(root, "stats.json"), stats)
+    storage.write_json(stage_stats(workdir, "index"), stats)
     return stats

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import math
+
 import numpy as np
 
 PRECISION_AT = (1, 5, 10)
@@ -107,9 +109,15 @@ def retrieval_metrics(hits: np.ndarray, n_relevant: np.ndarray, precision_at: Se
     return out
 
 
-def harmonic_mean(seen: float, unseen: float) -> float:
+def harmonic_mean(seen: float | None, unseen: float | None, fallback: bool = False) -> float | None:
     """HM = 2·s·u / (s + u) of seen and unseen figures (the base-to-new convention of CLIP fine-tuning research:
-    CoOp, CoCoOp); 0 when both are 0."""
+    CoOp, CoCoOp); 0 when both are 0. A side without queries (None or NaN) makes it None (a report says so), or
+    with ``fallback`` the other side, NaN if neither has one (model selection needs a number)."""
+    missing = [v is None or math.isnan(v) for v in (seen, unseen)]
+    if any(missing):
+        if not fallback:
+            return None
+        return float("nan") if all(missing) else float(unseen if missing[0] else seen)
     return 0.0 if seen + unseen == 0 else 2 * seen * unseen / (seen + unseen)
 
 

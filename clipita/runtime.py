@@ -9,7 +9,10 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
+from clipita.catalog import CatalogError
 from clipita.config import Config, ConfigError, load_config
+from clipita.ray_compat import DropMessages, filter_driver_stderr, quiet_driver_loggers, stale_ray_record
+from clipita.storage import StorageError
 
 # Errors a user can cause (bad arguments, unreadable inputs): reported as one line, exit code 2.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, ValueError, FileNotFoundError, PermissionError)
@@ -113,31 +116,6 @@ def quiet_console() -> None:
         os.environ.setdefault(key, value)
 
 
-class _DropMessages(logging.Filter):
-    """Drops records whose message starts with one of ``prefixes`` (a console handler's filter)."""
-
-    def __init__(self, *prefixes: str):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
-
-
-def _quiet_driver_loggers(progress_bars: bool) -> None:
-    """The driver's Ray Data logger: its INFO lines (execution plans, "finished in") go to logs/ray-data/ray-data.log
-    only; its console handler keeps warnings and errors. The logger's own level is untouched, so the file keeps
-    everything."""
-    import ray.data  # noqa: F401  (configures the ray.data logger and its handlers)
-    from ray.data._internal.logging import SessionFileHandler
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, SessionFileHandler):
-            handler.setLevel(logging.WARNING)
-            if not progress_bars:  # turned off on purpose, see start_ray
-                handler.addFilter(_DropMessages("Progress bars disabled."))
-
-
 def _runtime_env(local: bool) -> dict:
     """The job's runtime_env: QUIET_ENV for every worker (a local Ray's workers inherit it anyway; a cluster's do
     not), leaving out what a submitted job's runtime_env already sets (ray.init refuses conflicting keys)."""
@@ -146,94 +124,8 @@ def _runtime_env(local: bool) -> dict:
     env = {k: os.environ[k] for k in QUIET_ENV if k not in taken and k in os.environ}
     out: dict = {"env_vars": env} if env else {}
     if local and "worker_process_setup_hook" not in submitted:
-        out["worker_process_setup_hook"] = "clipita.runtime.worker_setup"
+        out["worker_process_setup_hook"] = "clipita.ray_compat.worker_setup"
     return out
-
-
-def worker_setup() -> None:
-    """worker_process_setup_hook of a local Ray. Ray Train's PlacementGroupCleaner looks its cluster up without an
-    address; on a machine running more than one Ray (CI, shared hosts) that raises ConnectionError in its monitor
-    thread, a 20-line traceback on every Train run. That one exception goes to the worker's .err file in Ray's log
-    folder (not forwarded to the console); any other thread exception is printed as usual."""
-    import threading
-    import traceback
-
-    default = threading.excepthook
-
-    def hook(args) -> None:
-        if (args.thread is not None and args.thread.name == "PlacementGroupCleanerMonitor"
-                and isinstance(args.exc_value, ConnectionError)
-                and "multiple active Ray instances" in str(args.exc_value)):
-            try:
-                import ray
-
-                logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
-                with open(os.path.join(logs, f"placement-group-cleaner-{os.getpid()}.err"), "a") as f:
-                    traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback, file=f)
-                return
-            except Exception:  # noqa: BLE001 - fall back to Ray's usual printing
-                pass
-        default(args)
-
-    threading.excepthook = hook
-
-
-def _filter_driver_stderr(logs: str) -> None:
-    """Ray core (C++) in the driver writes its ERROR lines to file descriptor 2 itself, past Python's logging and
-    the log_to_driver filter. One of them is a false alarm on every healthy run (QUIET_WORKER_LINES[0]: Ray Data
-    keeps the referenced constructor arguments alive for as long as its actor pools live). Route fd 2 through a
-    pipe whose reader moves that line to ``<logs>/driver-<pid>.quiet.err`` and passes every other byte on as it
-    comes (a partial line, such as a progress bar's, after 0.1 s). The original stderr is back at exit."""
-    import atexit
-    import re
-    import select
-    import threading
-
-    quiet = re.compile(QUIET_WORKER_LINES[0].encode())
-    sys.stderr.flush()
-    original = os.dup(2)
-    read, write = os.pipe()
-    os.dup2(write, 2)
-    os.close(write)
-
-    def forward(data: bytes) -> None:
-        while data:
-            data = data[os.write(original, data):]
-
-    def pump() -> None:
-        pending = b""
-        try:
-            while True:
-                ready, _, _ = select.select([read], [], [], 0.1 if pending else None)
-                chunk = os.read(read, 65536) if ready else b""
-                if ready and not chunk:  # EOF: every writer closed
-                    break
-                *lines, pending = (pending + chunk).split(b"\n")
-                out = b""
-                for line in lines:
-                    if quiet.search(line):
-                        with open(os.path.join(logs, f"driver-{os.getpid()}.quiet.err"), "ab") as f:
-                            f.write(line + b"\n")
-                    else:
-                        out += line + b"\n"
-                if not ready:  # nothing more within 0.1 s: a partial line goes out as it is
-                    out, pending = out + pending, b""
-                forward(out)
-            forward(pending)
-        except Exception:  # noqa: BLE001 - never leave writers blocked on a pipe nobody reads
-            os.dup2(original, 2)
-            forward(pending)
-            raise
-
-    thread = threading.Thread(target=pump, name="clipita-stderr", daemon=True)
-    thread.start()
-
-    def restore() -> None:
-        sys.stderr.flush()
-        os.dup2(original, 2)  # the pipe's write end closes; the reader drains it and ends
-        thread.join(timeout=2)
-
-    atexit.register(restore)
 
 
 def start_ray() -> None:
@@ -247,28 +139,29 @@ def start_ray() -> None:
         return
     # ray.init logs at WARNING that token authentication is on, Ray's default for a new local cluster: not a problem
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-        _DropMessages("Token authentication is enabled for this Ray cluster."))
+        DropMessages("Token authentication is enabled for this Ray cluster."))
     address = os.environ.get("RAY_ADDRESS") or None
-    info = ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False,
-                    runtime_env=_runtime_env(local=address is None) or None)
+    stale = None if address else stale_ray_record()
+    if stale:
+        print(f"ray: {stale[0]} names {stale[1]}, where no Ray answers (a `ray start` that did not stop cleanly); "
+              "starting a local Ray instead (`ray stop` or deleting the file clears it)", flush=True)
+    info = ray.init(address="local" if stale else address, include_dashboard=False, log_to_driver=True,
+                    configure_logging=False, runtime_env=_runtime_env(local=address is None) or None)
     progress_bars = sys.stderr.isatty()  # Ray Data's own bars on a terminal, our progress lines otherwise
-    _quiet_driver_loggers(progress_bars)
+    quiet_driver_loggers(progress_bars)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = progress_bars
     session = getattr(info, "address_info", {}).get("session_dir")
     logs = os.path.join(session, "logs") if session else "/tmp/ray/session_latest/logs"
     if os.environ.get("RAY_DEDUP_LOGS") != "0" and os.path.isdir(logs):
-        _filter_driver_stderr(logs)
+        filter_driver_stderr(logs, QUIET_WORKER_LINES[0])
     print(f"ray: {'joined ' + address if address else 'local Ray'}; full logs in {logs}", flush=True)
 
 
 @contextmanager
 def job(name: str) -> Iterator[None]:
     """Run a job's body; a user error ends the process with ``<name>: error: <one line>`` and exit code 2."""
-    from clipita.catalog import CatalogError
-    from clipita.storage import StorageError
-
     try:
         yield
     except (*USER_ERRORS, CatalogError, StorageError) as e:

@@ -44,8 +44,10 @@ import pyarrow.parquet as pq
 
 from clipita import storage
 from clipita.config import EncoderConfig
-from clipita.embed import features_dir, finished_parts
+from clipita.embed import finished_parts
 from clipita.tree import SEP
+from clipita.vectors import vector_column
+from clipita.workdir import catalog_record, categories_file, encoders_record, product_features_dir, stage_stats
 
 PART_ROWS = 50_000  # products per output file
 ROW_GROUP = 8192  # rows per parquet row group (~32 MB at production widths)
@@ -188,10 +190,6 @@ def _vectors(rng: np.random.Generator, concepts: np.ndarray, leaf: np.ndarray, s
     return out
 
 
-def _vector_column(rows: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1])
-
-
 def _lists(counts: np.ndarray, values: pa.Array) -> pa.ListArray:
     offsets = np.zeros(len(counts) + 1, np.int32)
     np.cumsum(counts, out=offsets[1:])
@@ -259,10 +257,10 @@ def _write_part(workdir: str, seed: int, shape: Shape, part: int, start: int, st
         "product_id": ids, "title": titles, "attributes": attributes,
         "category_path": tree.leaf_paths.take(pa.array(leaf)),
         "image": pc.binary_join_element_wise("images/", ids, ".jpg", ""),
-        "image_emb": _vector_column(image_emb), "title_emb": _vector_column(title_emb),
-        "attr_emb": _vector_column(attr_emb), "n_attributes": pa.array(n_attributes.astype(np.int32)),
+        "image_emb": vector_column(image_emb), "title_emb": vector_column(title_emb),
+        "attr_emb": vector_column(attr_emb), "n_attributes": pa.array(n_attributes.astype(np.int32)),
     })
-    _write_parquet(storage.join(features_dir(workdir), "products", f"part-{part:05d}.parquet"), table)
+    _write_parquet(storage.join(product_features_dir(workdir), f"part-{part:05d}.parquet"), table)
     return np.bincount(leaf, minlength=tree.n_leaves)
 
 
@@ -291,9 +289,9 @@ def _write_categories(workdir: str, seed: int, shape: Shape, leaf_counts: np.nda
         "category": [tree.ids[i] for i in keep], "name": [tree.names[i] for i in keep],
         "depth": tree.depth[keep], "parent": [tree.ids[tree.parent[i]] if tree.parent[i] >= 0 else None for i in keep],
         "products": counts[keep],
-        **{name: _vector_column(v[keep]) for name, v in vectors.items()},
+        **{name: vector_column(v[keep]) for name, v in vectors.items()},
     })
-    _write_parquet(storage.join(features_dir(workdir), "categories.parquet"), table)
+    _write_parquet(categories_file(workdir), table)
     return len(keep)
 
 
@@ -338,13 +336,12 @@ def write_features(workdir: str, products: int, seed: int = 0, workers: int | No
                 pool.shutdown(cancel_futures=True)  # fail now, not after writing every queued part
                 raise
     categories = _write_categories(workdir, seed, shape, np.sum(counts, axis=0))
-    fdir = features_dir(workdir)
-    storage.write_json(storage.join(fdir, "encoders.json"), dataclasses.asdict(EncoderConfig()))
-    storage.write_json(storage.join(workdir, "catalog.json"),
+    storage.write_json(encoders_record(workdir), dataclasses.asdict(EncoderConfig()))
+    storage.write_json(catalog_record(workdir),
                        {"catalog": storage.join(workdir, "catalog"), "features_only": True})
     seconds = time.perf_counter() - t0
     stats = {"stage": "embed", "synthetic": True, "seed": seed, "read": products, "used": products,
              "quarantined": 0, "reasons": {}, "parts": len(parts), "categories": categories,
              "seconds": round(seconds, 2), "products_per_s": round(products / seconds, 1)}
-    storage.write_json(storage.join(fdir, "stats.json"), stats)
+    storage.write_json(stage_stats(workdir, "embed"), stats)
     return stats

@@ -41,25 +41,17 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from clipita import storage
+from clipita import metrics, plots, storage
 from clipita.config import Config, TrainConfig
-from clipita.features import COLUMNS, model_rows
+from clipita.features import (COLUMNS, FeatureSource, census, labeler_for, load_categories, load_tree, model_rows,
+                              product_files, products_dataset, vector_width)
+from clipita.metrics import count_relevant, hits_from_ranking, per_query_metrics, rank_scores
+from clipita.runtime import node_cores
 from clipita.tree import SETTINGS
+from clipita.workdir import checkpoints_dir, run_dir, run_name
 
 INPUTS = ("image", "title", "attributes")
 RELEASE_EVERY = 32  # streamed loader batches between returns of freed Arrow memory to the OS (_epoch_batches)
-
-
-def run_name(variant: str, setting: str) -> str:
-    return f"{variant}-{setting}"
-
-
-def run_dir(workdir: str, variant: str, setting: str) -> str:
-    return storage.join(workdir, "checkpoints", run_name(variant, setting))
-
-
-def best_checkpoint(workdir: str, variant: str, setting: str) -> str:
-    return storage.join(run_dir(workdir, variant, setting), "best")
 
 
 def finished(workdir: str, variant: str, setting: str, epochs: int) -> bool:
@@ -131,7 +123,7 @@ def _epoch_batches(tc: TrainConfig, shard, cached: dict | None, loader_batch: in
             yield {k: v[idx] for k, v in cached.items()}
         return
     # Arrow's allocator keeps the shuffle buffer's freed blocks unless asked: handing them back now and then keeps
-    # the worker's private memory flat (a probe over 128k streamed rows: +86 MB without, +5 MB with; RESULTS.md)
+    # the worker's private memory flat (a probe over 128k streamed rows: +86 MB without, +5 MB with)
     pool = pa.default_memory_pool()
     for i, rows in enumerate(shard.iter_batches(batch_size=loader_batch, batch_format="numpy",
                                                 local_shuffle_buffer_size=tc.shuffle_rows,
@@ -157,24 +149,12 @@ def _slices(rows: dict[str, np.ndarray], size: int, drop_last: bool = True):
         yield {k: v[s:s + size] for k, v in rows.items()}
 
 
-def harmonic_mean(seen: float, unseen: float) -> float:
-    """metrics.harmonic_mean of the seen and unseen validation R-precision; the one that exists when the other is
-    NaN (no such query); NaN if none."""
-    from clipita import metrics
-
-    if np.isnan(seen) or np.isnan(unseen):
-        return unseen if np.isnan(seen) else seen
-    return metrics.harmonic_mean(seen, unseen)
-
-
 def val_retrieval(model, val: dict[str, np.ndarray], setting: str, categories, seen: np.ndarray,
                   batch_size: int = 256) -> dict[str, float]:
     """R-precision (%) of ranking the validation sample's products (exactly, dense) for each category labelling
     one of them in ``setting``, over seen (``seen[category]``: some train product carries it) and unseen queries,
     and their harmonic mean ``hm``. ``model`` is a ClipIta (not DDP-wrapped); its train/eval mode is kept."""
     import torch
-
-    from clipita.metrics import count_relevant, hits_from_ranking, per_query_metrics, rank_scores
 
     labels = val[f"label_{setting}"]
     queries = np.unique(labels)
@@ -196,7 +176,7 @@ def val_retrieval(model, val: dict[str, np.ndarray], setting: str, categories, s
     out = {}
     for name, mask in (("seen", seen[queries]), ("unseen", ~seen[queries])):
         out[name] = float(rprec[mask].mean()) if mask.any() else float("nan")
-    out["hm"] = harmonic_mean(out["seen"], out["unseen"])
+    out["hm"] = metrics.harmonic_mean(out["seen"], out["unseen"], fallback=True)
     return out
 
 
@@ -230,7 +210,6 @@ def train_loop(config: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = tc.use_gpu and torch.cuda.is_available()
     if not use_gpu and tc.workers > 0:  # local mode (0) keeps the driver's threads
-        from clipita.runtime import node_cores
 
         # Ray sets one OpenMP thread per reserved CPU; the reads feeding the workers mostly wait (and a cached shard
         # is read once), so the node's cores go to the workers on it
@@ -264,7 +243,8 @@ def train_loop(config: dict) -> dict:
     val = _load_all(ray.train.get_dataset_shard("val")) if rank == 0 else {}
 
     for epoch in range(min(r.start for r in runs), tc.epochs):
-        if config.get("fail_at_epoch") == epoch and rank == world - 1 and not os.path.exists(config["fail_marker"]):
+        if (config["fail_marker"] and config["fail_at_epoch"] == epoch and rank == world - 1
+                and not os.path.exists(config["fail_marker"])):
             open(config["fail_marker"], "w").close()
             os._exit(1)  # test hook: a worker dies; FailureConfig restarts the group from the last checkpoint
         active = [r for r in runs if r.start <= epoch and not r.stopped]
@@ -351,16 +331,17 @@ def train_loop(config: dict) -> dict:
     return {r.name: {"history": r.history, "best": r.best} for r in runs}
 
 
-def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print,
-               fail_at_epoch: int | None = None, fail_marker: str | None = None) -> dict[str, dict]:
+# Failure injection for the resume tests: with both set, the last worker exits once at the start of that epoch
+# (0-based), leaving the marker file so that the restarted group trains on (read by the driver, so a Ray started
+# before they were set still gets them).
+FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV = "CLIPITA_TEST_FAIL_AT_EPOCH", "CLIPITA_TEST_FAIL_MARKER"
+
+
+def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print) -> dict[str, dict]:
     """Train every (variant, setting) run to cfg.train.epochs in one worker group, resuming or skipping what is
-    already done; returns each run's stats. ``fail_at_epoch``/``fail_marker``: a test hook that kills one worker
-    once at that epoch."""
+    already done; returns each run's stats."""
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from clipita.features import (FeatureSource, census, labeler_for, load_categories, load_tree, product_files,
-                                  products_dataset, vector_width)
 
     tc = cfg.train
     workdir = storage.absolute(workdir)
@@ -422,12 +403,13 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
         worker_cpus = max(0.1, (cpus - 1) / tc.workers)
         log(f"train: {tc.workers} workers x {tc.cpus_per_worker:g} CPUs would leave no CPU of this "
             f"{cpus:g}-CPU cluster to read the features; each worker reserves {worker_cpus:.2g}")
-    fs, path = storage.arrow_filesystem(storage.join(workdir, "checkpoints"))
+    fs, path = storage.arrow_filesystem(checkpoints_dir(workdir))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": dataclasses.asdict(tc), "runs": specs, "loader_batch": loader_batch,
                            "categories": np.ascontiguousarray(text, np.float32), "cache": cache, "seen": seen,
-                           "fail_at_epoch": fail_at_epoch, "fail_marker": fail_marker},
+                           "fail_at_epoch": int(os.environ.get(FAIL_AT_EPOCH_ENV, -1)),
+                           "fail_marker": os.environ.get(FAIL_MARKER_ENV)},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu,
                                                resources_per_worker=None if tc.use_gpu or not tc.workers else
                                                {"CPU": worker_cpus}),
@@ -461,20 +443,13 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
     return out
 
 
-def train(workdir: str, variant: str, setting: str, cfg: Config, log=print, **hooks) -> dict:
+def train(workdir: str, variant: str, setting: str, cfg: Config, log=print) -> dict:
     """One (variant, setting) run (``train_runs`` with a single run)."""
-    return train_runs(workdir, [(variant, setting)], cfg, log, **hooks)[run_name(variant, setting)]
+    return train_runs(workdir, [(variant, setting)], cfg, log)[run_name(variant, setting)]
 
 
 def write_curve_png(uri: str, history: list[dict], title: str) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = plots.pyplot().subplots(figsize=(5, 3.2))
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h["train_loss"] for h in history], label="train")
     ax.plot(epochs, [h["val_loss"] for h in history], label="val")
@@ -487,8 +462,4 @@ def write_curve_png(uri: str, history: list[dict], title: str) -> None:
                      label=key.replace("val_rprec_", "R-prec "))
         ax2.set(ylabel="val R-prec (%)")
         ax2.legend(loc="upper right", fontsize="small")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    storage.write_bytes(uri, buf.getvalue())
+    storage.write_bytes(uri, plots.png(fig))

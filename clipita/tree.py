@@ -161,6 +161,12 @@ def held_share(tree: "CategoryTree", held: Iterable[str]) -> float:
     return sum(tree.nodes[c].products for c in held) / total if total else 0.0
 
 
+def val_holdout_fraction(unseen_fraction: float, unseen_val_fraction: float | None = None) -> float:
+    """The share of products under categories held out for validation: ``unseen_val_fraction``, or half of
+    ``unseen_fraction`` when it is None or negative (-1: DataConfig's default)."""
+    return unseen_fraction / 2 if unseen_val_fraction is None or unseen_val_fraction < 0 else unseen_val_fraction
+
+
 @dataclass(frozen=True)
 class Labeler:
     """Split and labels of any product from its id and path alone, so they are computed where the rows are (a
@@ -177,9 +183,8 @@ class Labeler:
               unseen_fraction: float = 0.0, *, unseen_val_fraction: float | None = None) -> "Labeler":
         """``unseen_fraction`` / ``unseen_val_fraction``: shares of the products under categories held out for
         the test / validation split; None = half of ``unseen_fraction`` (DataConfig's default)."""
-        if unseen_val_fraction is None or unseen_val_fraction < 0:
-            unseen_val_fraction = unseen_fraction / 2
-        held, held_val = holdout_sets(tree, (unseen_fraction, unseen_val_fraction), seed)
+        held, held_val = holdout_sets(tree, (unseen_fraction, val_holdout_fraction(unseen_fraction,
+                                                                                  unseen_val_fraction)), seed)
         return cls(seed, val_fraction, test_fraction, frozenset(held), frozenset(held_val))
 
     def split(self, product_id: str, path: Sequence[str]) -> str:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import ast
 import gzip
 import html
-import io
 import json
 import os
 import re
@@ -45,13 +44,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from clipita import storage
-from clipita.catalog import QUARANTINE_SCHEMA, SCHEMA
+from clipita.catalog import write_converted
 
-REJECTS_FILE = "conversion_rejects.parquet"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 METADATA_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
 SKIPPED_DETAILS = {"asin", "customer reviews", "best sellers rank"}
@@ -195,12 +191,6 @@ def local_image(asin: str, urls: list[str], index: dict[str, str]) -> str | None
     return next((index[n] for n in names if n in index), None)
 
 
-def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
-    return buf.getvalue()
-
-
 def convert(metadata: str, out: str, images: str | None = None, workers: int = 16,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write ``<out>/products.parquet`` (+ ``images/`` when local images are found) and
@@ -251,8 +241,7 @@ def convert(metadata: str, out: str, images: str | None = None, workers: int = 1
     if copies:
         log(f"xmarket: copied {len(copies) - len(failed):,} images to {storage.join(out, 'images')}")
 
-    storage.write_bytes(storage.join(out, "products.parquet"), _table(products, SCHEMA))
-    storage.write_bytes(storage.join(out, REJECTS_FILE), _table(rejects, QUARANTINE_SCHEMA))
+    write_converted(out, products, rejects)
     return {"files": len(files), "read": read, "products": len(products), "rejected": len(rejects),
             "reasons": dict(Counter(r["reason"].split(":")[0] for r in rejects)),
             "images_copied": len(copies) - len(failed), "image_urls": sum("://" in p["image"] for p in products),

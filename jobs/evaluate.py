@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from clipita import evaluation, runtime, storage
+from clipita import evaluation, runtime, storage, workdir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = runtime.config_from_args(args)
         runtime.start_ray()
         rows = evaluation.evaluate(args.workdir, cfg)
-        print(storage.read_bytes(storage.join(args.workdir, "metrics.md")).decode())
+        print(storage.read_bytes(workdir.metrics_file(args.workdir, "md")).decode())
         print(f"jobs.evaluate: {len(rows)} rows -> {storage.join(args.workdir, 'metrics.json')}, "
               f"{storage.join(args.workdir, 'metrics.png')}")
 

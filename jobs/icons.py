@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 from clipita import icons, runtime, storage
+from clipita.catalog import REJECTS_FILE
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     with runtime.job("jobs.icons"):
         s = icons.convert(args.package, args.out, size=args.size, workers=args.workers,
                           drop_path_tags=args.drop_path_tags)
-        rejects = storage.join(args.out, icons.REJECTS_FILE)
+        rejects = storage.join(args.out, REJECTS_FILE)
         print(f"jobs.icons: {s['products']:,} products from {s['entries']:,} icons of {s['package'] or '?'}@"
               f"{s['version'] or '?'} ({s['license'] or 'licence unknown'}) to {args.out} in "
               f"{s['categories'][1]} categories / {s['categories'][2]} subcategories, {s['size']} px PNGs, in "

@@ -16,7 +16,8 @@ import argparse
 import os
 import time
 
-from clipita import embed, evaluation, index, runtime, storage, synth, training
+from clipita import embed, evaluation, index, runtime, storage, synth, training, workdir
+from clipita.models import VARIANTS
 from clipita.tree import SETTINGS
 
 OFFLINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "offline.yaml")
@@ -59,15 +60,15 @@ def main(argv: list[str] | None = None) -> None:
         stats = stage("embed", lambda: embed.run_embed(catalog, args.workdir, cfg))
         if stats["used"] == 0:
             raise ValueError(f"no usable product in {catalog}: see {args.workdir}/quarantine")
-        stage("train", lambda: training.train_runs(args.workdir, [(v, s) for s in SETTINGS for v in ("i", "ia", "ita")],
+        stage("train", lambda: training.train_runs(args.workdir, [(v, s) for s in SETTINGS for v in VARIANTS],
                                                    cfg))
         stage("index", lambda: index.build_indexes(args.workdir, cfg))
         stage("evaluate", lambda: evaluation.evaluate(args.workdir, cfg))
         seconds["total"] = round(sum(seconds.values()), 1)
-        storage.write_json(storage.join(args.workdir, "pipeline.json"),
+        storage.write_json(workdir.pipeline_record(args.workdir),
                            {"catalog": catalog, "products_read": stats["read"], "used": stats["used"],
                             "quarantined": stats["quarantined"], "seconds": seconds})
-        print(storage.read_bytes(storage.join(args.workdir, "metrics.md")).decode())
+        print(storage.read_bytes(workdir.metrics_file(args.workdir, "md")).decode())
         print(f"jobs.pipeline: {stats['used']} products ({stats['quarantined']} quarantined) in {seconds['total']} s; "
               f"metrics: {storage.join(args.workdir, 'metrics.json')}, {storage.join(args.workdir, 'metrics.png')}")
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 
-from clipita import runtime, training
+from clipita import runtime, training, workdir
+from clipita.models import VARIANTS
 from clipita.tree import SETTINGS
 
-VARIANTS = ("i", "ia", "ita")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         runtime.start_ray()
         done = training.train_runs(args.workdir, runs, cfg)
         for variant, setting in runs:
-            stats = done[training.run_name(variant, setting)]
+            stats = done[workdir.run_name(variant, setting)]
             print(f"jobs.train: {stats['run']}: {stats['epochs']} epochs, best val loss "
                   f"{stats['best_val_loss']:.4f}, {stats['samples_per_s'] or 0:.0f} samples/s -> "
-                  f"{training.best_checkpoint(args.workdir, variant, setting)}")
+                  f"{workdir.best_checkpoint(args.workdir, variant, setting)}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 
 from clipita import runtime, storage, xmarket
+from clipita.catalog import REJECTS_FILE
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
         s = xmarket.convert(args.metadata, args.out, images=args.images, workers=args.workers)
-        rejects = storage.join(args.out, xmarket.REJECTS_FILE)
+        rejects = storage.join(args.out, REJECTS_FILE)
         print(f"jobs.xmarket: {s['products']:,} products from {s['read']:,} lines in {s['files']} file(s) to "
               f"{args.out} ({s['images_copied']:,} images copied, {s['image_urls']:,} image URLs) in "
               f"{s['seconds']} s; {runtime.rejects_line(s, rejects)}")

@@ -37,10 +37,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipita import storage
-from clipita.config import ConfigError, section_from_dict
-from clipita.index import group_dir, group_name
-from clipita.rankers import MODELS, TRAINED, Queries
+from clipita.config import ConfigError, DataConfig, IndexConfig, section_from_dict
+from clipita.models import MODELS, REGISTRY, ROWS_GROUP
+from clipita.rankers import Queries
 from clipita.tree import SEP, SETTINGS
+from clipita.workdir import catalog_record, group_dir
 
 MAX_K = 1000  # DESIGN.md: k in 1..1000
 MAX_QUERY_CHARS = 512  # longer category text is refused (a category name is a few words)
@@ -55,8 +56,10 @@ class ServeConfig:
     workdir: str = ""  # workdir URI with features/, checkpoints/ and index/all/ (required)
     setting: str = "all"  # whose trained heads to serve: all | general | specific
     model: str = "clip-ita"  # default model when a request names none
-    query_text: str = "name"  # text embedded for a tree category: its name (the paper) or its full path
-    ef: int = 256  # HNSW expansion at query time, as jobs.evaluate searches (index.expansion_search)
+    # text embedded for a tree category: its name (the paper) or its full path; "": what the workdir's index
+    # recorded (data.query_text of the run that trained and evaluated it)
+    query_text: str = ""
+    ef: int = 0  # HNSW expansion at query time; 0: the index.expansion_search the workdir's index recorded
     batching: bool = True  # group concurrent encoder calls with @serve.batch
     max_batch_size: int = 32  # at most the encoder's max_ongoing_requests, or batches never fill
     batch_wait_timeout_s: float = 0.005  # how long a first request waits for others to join its batch
@@ -68,20 +71,25 @@ class ServeConfig:
             raise ConfigError(f"serve.setting must be one of {', '.join(SETTINGS)}, got {self.setting!r}")
         if self.model not in MODELS:
             raise ConfigError(f"serve.model must be one of {', '.join(MODELS)}, got {self.model!r}")
-        if self.query_text not in ("name", "path"):
+        if self.query_text not in ("", "name", "path"):
             raise ConfigError(f"serve.query_text must be name or path, got {self.query_text!r}")
-        if self.ef < 1 or self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
-            raise ConfigError("serve: ef and max_batch_size must be >= 1, batch_wait_timeout_s >= 0")
+        if self.ef < 0 or self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
+            raise ConfigError("serve: ef must be >= 0, max_batch_size >= 1, batch_wait_timeout_s >= 0")
 
 
-def index_group(model: str, setting: str) -> str:
-    return group_name(model, setting if model in TRAINED else None)
+def recorded_search(cfg: ServeConfig) -> ServeConfig:
+    """``cfg`` with ef and query_text, where left at 0 / "", as the workdir's index recorded them (so served
+    rankings are the ones jobs.evaluate measured); an index built before they were recorded used the defaults."""
+    manifest = storage.read_json(storage.join(group_dir(cfg.workdir, "all", ROWS_GROUP), "manifest.json"))
+    return dataclasses.replace(
+        cfg, ef=cfg.ef or int(manifest.get("expansion_search", IndexConfig.expansion_search)),
+        query_text=cfg.query_text or manifest.get("query_text", DataConfig.query_text))
 
 
 def served_models(cfg: ServeConfig) -> list[str]:
-    """bm25 always; a dense model when jobs.index built its all-products index."""
-    return [m for m in MODELS if m == "bm25" or storage.exists(
-        storage.join(group_dir(cfg.workdir, "all", index_group(m, cfg.setting)), "manifest.json"))]
+    """A sparse model always; a dense model when jobs.index built its all-products index."""
+    return [n for n, m in REGISTRY.items() if not m.dense or storage.exists(
+        storage.join(group_dir(cfg.workdir, "all", m.index_group(cfg.setting)), "manifest.json"))]
 
 
 def _id_hash(product_id: str) -> int:
@@ -112,7 +120,7 @@ class CategoryEncoder:
         from clipita.features import load_categories, recorded_encoders
         from clipita.rankers import QueryEncoder, load_ranker
 
-        self.rankers = {m: load_ranker(cfg.workdir, m, cfg.setting) for m in models if m != "bm25"}
+        self.rankers = {m: load_ranker(cfg.workdir, m, cfg.setting) for m in models if REGISTRY[m].dense}
         self.encoder = QueryEncoder(recorded_encoders(cfg.workdir))
         cats = load_categories(cfg.workdir)
         keys = cats.names if cfg.query_text == "name" else cats.ids
@@ -133,7 +141,7 @@ class CategoryEncoder:
             j = self.known.get(t)
             if j is not None:
                 text[i], clip[i] = self.known_text[j], self.known_clip[j]
-            elif model == "clip":  # zero-shot CLIP reads only the CLIP text tower
+            elif REGISTRY[model].reads_clip_text:  # embedded by the CLIP text tower only
                 live_clip.append(i)
             else:
                 live_text.append(i)
@@ -194,18 +202,19 @@ class SearchApi:
         self.encoder, self.cfg, self.models = encoder, cfg, models
         self.tree = load_tree(cfg.workdir)  # per category, not per product
         note = recorded_encoders(cfg.workdir).zero_shot_note
-        self.notes = {"clip": note} if note and "clip" in models else {}  # said with every clip answer
-        self.catalog = storage.read_json(storage.join(cfg.workdir, "catalog.json"))["catalog"]
+        # said with every answer of a model that reads the CLIP text tower, when that tower is aligned with nothing
+        self.notes = {m: note for m in models if note and REGISTRY[m].reads_clip_text}
+        self.catalog = storage.read_json(catalog_record(cfg.workdir))["catalog"]
         # memory-mapped (view=True): replicas on one machine share the pages of the shard files. Every model of
         # the all-products scope shares one row order, so their rows (id, title, image) are held once, as Arrow.
-        self.indexes = {m: ShardedIndex(group_dir(cfg.workdir, "all", index_group(m, cfg.setting)), view=True,
-                                        columns=None) for m in models if m != "bm25"}
-        rows_uri = group_dir(cfg.workdir, "all", "mpnet")  # every jobs.index run builds mpnet
+        self.indexes = {m: ShardedIndex(group_dir(cfg.workdir, "all", REGISTRY[m].index_group(cfg.setting)),
+                                        view=True, columns=None) for m in models if REGISTRY[m].dense}
+        rows_uri = group_dir(cfg.workdir, "all", ROWS_GROUP)
         manifest = storage.read_json(storage.join(rows_uri, "manifest.json"))
         layout = [(e["name"], e["count"]) for e in manifest["shards"]]
         for m, index in self.indexes.items():
             if [(e["name"], e["count"]) for e in index.manifest["shards"]] != layout:
-                raise ConfigError(f"serve: index/all of {m} was built apart from mpnet's: run jobs.index again")
+                raise ConfigError(f"serve: index/all of {m} was built apart from {ROWS_GROUP}'s: run jobs.index again")
         self.rows = read_rows(rows_uri, manifest, ["product_id", "title", "image"])
         ids = self.rows.column("product_id")
         # product id -> row for /image: sorted 64-bit hashes (16 bytes a product), checked against the id on use
@@ -248,7 +257,7 @@ class SearchApi:
             return error(400, f"unknown model {model!r}: use one of {', '.join(self.models)}")
         shown, query, matches = self.resolve(text)
         try:
-            if model == "bm25":
+            if model not in self.indexes:  # sparse: BM25 over the titles
                 rows, scores = await asyncio.to_thread(self.bm25.top_k, [query], k)
             else:
                 vector = await self.encoder.encode.remote(query, model)
@@ -297,9 +306,12 @@ def app(args: dict) -> serve.Application:
     cfg = section_from_dict(ServeConfig, dict(args), "serve")
     # replicas may run in another working directory than the one `serve run` was started in
     cfg = dataclasses.replace(cfg, workdir=storage.absolute(cfg.workdir))
-    if not storage.exists(storage.join(cfg.workdir, "catalog.json")):
+    if not storage.exists(catalog_record(cfg.workdir)):
         raise ConfigError(f"serve: {cfg.workdir} is not a workdir (no catalog.json): run jobs.embed first")
     models = served_models(cfg)
+    if ROWS_GROUP not in models:
+        raise ConfigError(f"serve: no index under {cfg.workdir}/index/all: run jobs.index")
+    cfg = recorded_search(cfg)
     if cfg.model not in models:
         raise ConfigError(f"serve: no index for model {cfg.model} (setting {cfg.setting}) under "
                           f"{cfg.workdir}/index/all: run jobs.train and jobs.index")

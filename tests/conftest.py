@@ -20,6 +20,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE_CONFIG = os.path.join(ROOT, "configs", "offline.yaml")
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs the session's Ray (directly or through a fixture built on it) is slow: ``make test-fast``
+    (``-m "not slow"``) runs every other test and starts no Ray."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_ray(request, monkeypatch):
+    """A test not marked slow that starts Ray in this process (ray.init, or a Ray call that would start one)
+    fails at once, naming the fix. Tests that start Ray in a subprocess carry the slow mark by hand."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    import ray
+    import ray._private.worker
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts Ray: use the ray_session fixture or mark it slow")
+
+    if not ray.is_initialized():
+        monkeypatch.setattr(ray, "init", refuse)
+        monkeypatch.setattr(ray._private.worker, "init", refuse)
+    yield
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,8 @@ import numpy as np
 from clipita.evaluation import METRICS, SPLITS, ancestor_matrix
 from clipita.features import labels_for, load_categories, load_products
 from clipita.metrics import count_relevant, hits_from_ranking, retrieval_metrics
-from clipita.rankers import MODELS, Queries, load_ranker
+from clipita.models import MODELS
+from clipita.rankers import Queries, load_ranker
 from clipita.tree import SETTINGS
 
 

@@ -3,7 +3,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipita import storage
-from clipita.catalog import CatalogError, read_catalog
+from catalogs import read_catalog
+from clipita.catalog import CatalogError
 
 GOOD = {
     "product_id": ["a", "b", "c"],

@@ -68,3 +68,15 @@ def test_bad_recipe_and_holdout_values_are_one_line(overrides, match):
     with pytest.raises(ConfigError, match=match) as e:
         load_config(None, overrides)
     assert "\n" not in str(e.value)
+
+
+def test_image_batch_follows_the_device_unless_set():
+    assert load_config().embed.image_batch == 8  # CPU encoders: small convnet forwards (benchmarks/history/image-tower.md)
+    assert load_config(None, {"embed.batch_size": 4}).embed.image_batch == 4
+    assert load_config(None, {"embed.gpus_per_actor": 1}).embed.image_batch == 64  # GPU: the product batch
+    assert load_config(None, {"embed.image_batch_size": 32}).embed.image_batch == 32
+    with pytest.raises(ConfigError, match="embed.image_batch_size .* must be in"):
+        load_config(None, {"embed.image_batch_size": -1})
+    assert load_config(None, {"encoders.image_size": "256"}).encoders.image_size == 256
+    with pytest.raises(ConfigError, match="encoders.image_size"):
+        load_config(None, {"encoders.image_size": "-2"})

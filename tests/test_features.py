@@ -7,6 +7,7 @@ import pytest
 
 from clipita.features import census, labeler_for, labels_for, load_products, load_tree
 from clipita.tree import SETTINGS, CategoryTree, Labeler, assign_labels, category_id
+from clipita.vectors import vectors
 
 
 def test_a_labeler_per_row_equals_labels_of_the_whole_list():
@@ -78,7 +79,7 @@ def test_products_dataset_reads_every_row_once_in_tasks_of_whole_row_groups(ray_
 
     def twice(table, factor):
         return {"product_id": np.asarray(table.column("product_id").to_pylist()),
-                "double": features.vectors(table.column("image_emb"))[:, 0] * factor}
+                "double": vectors(table.column("image_emb"))[:, 0] * factor}
 
     ds = features.products_dataset(source, transform=functools.partial(twice, factor=2))
     rows = {r["product_id"]: r["double"] for r in ds.iter_rows()}
@@ -86,53 +87,18 @@ def test_products_dataset_reads_every_row_once_in_tasks_of_whole_row_groups(ray_
     assert all(rows[f"p{i:05d}"] == 4 * i for i in range(0, 6000, 97))
 
 
-def test_the_idle_backoff_sleeps_only_after_a_scheduling_step_in_which_nothing_moved(monkeypatch):
-    """Ray 2.60's scheduling loop spins while a budget holds the stream back; products_dataset's callback sleeps
-    after a step that changed nothing, and never after one that moved (a task submitted, an output taken)."""
-    from types import SimpleNamespace
-
-    from clipita import features
-
-    slept = []
-    monkeypatch.setattr(features.time, "sleep", slept.append)
-    metrics = SimpleNamespace(num_outputs_taken=0, num_task_outputs_generated=3, num_tasks_submitted=1)
-    queued = {"in": 0, "out": 2}
-    state = SimpleNamespace(total_enqueued_input_blocks=lambda: queued["in"],
-                            total_enqueued_output_blocks=lambda: queued["out"])
-
-    class Op:  # hashable, as operators are (topology keys)
-        pass
-
-    op = Op()
-    op.metrics = metrics
-    executor = SimpleNamespace(_topology={op: state})
-    callback = features._idle_backoff()()
-    callback.on_execution_step(executor)  # the first step: nothing to compare with
-    assert slept == []
-    callback.on_execution_step(executor)  # held back: nothing moved
-    assert slept == [features.IDLE_SLEEP_S]
-    for change in (lambda: setattr(metrics, "num_outputs_taken", 1), lambda: queued.update(out=1),
-                   lambda: setattr(metrics, "num_tasks_submitted", 2)):
-        change()
-        callback.on_execution_step(executor)
-        assert len(slept) == 1
-    callback.on_execution_step(executor)
-    assert len(slept) == 2
-    callback.on_execution_step(SimpleNamespace())  # an executor of another layout: no backoff, no error
-    assert len(slept) == 2
-
-
 def test_products_dataset_registers_the_idle_backoff_once(ray_session, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray.data
 
-    from clipita.features import FeatureSource, _idle_backoff, products_dataset
+    from clipita.features import FeatureSource, products_dataset
+    from clipita.ray_compat import idle_backoff
 
     path = str(tmp_path / "part-00000.parquet")
     pq.write_table(pa.table({"product_id": ["a", "b"]}), path)
     for _ in range(2):
         ds = products_dataset(FeatureSource([path], ["product_id"]))
-    assert ray.data.DataContext.get_current().custom_execution_callback_classes.count(_idle_backoff()) == 1
+    assert ray.data.DataContext.get_current().custom_execution_callback_classes.count(idle_backoff()) == 1
     # streaming_split runs the executor in a coordinator actor: the callback travels there by value
     assert sorted(r["product_id"] for r in ds.streaming_split(1)[0].iter_rows()) == ["a", "b"]

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from clipita import icons, storage
-from clipita.catalog import read_catalog
+from catalogs import read_catalog
+from clipita.catalog import REJECTS_FILE
 from jobs.icons import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +49,7 @@ def rows_by_id(root: str) -> dict[str, dict]:
 
 
 def rejects(root: str) -> dict[str, tuple[str | None, str]]:
-    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, icons.REJECTS_FILE))))
+    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, REJECTS_FILE))))
     return {r["source"]: (r["product_id"], r["reason"]) for r in table.to_pylist()}
 
 

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 
 from clipita import storage
-from clipita.index import IndexIntegrityError, ShardedIndex, build_group, unit_rows
+from clipita.index import IndexIntegrityError, ShardedIndex, build_group
+from clipita.vectors import unit_rows
 from clipita.metrics import rank_scores
 
-pytestmark = pytest.mark.slow
 
 
 def unit(rng, n, d):
@@ -79,8 +79,9 @@ def test_jobs_index_streams_into_several_shards_that_search_as_one(ray_session, 
     import shutil
 
     from clipita.features import load_categories, load_products
-    from clipita.index import build_indexes, group_dir
-    from clipita.rankers import MPNetRanker, Queries
+    from clipita.index import build_indexes
+    from clipita.workdir import group_dir
+    from clipita.rankers import Queries, load_ranker
 
     work = tmp_path / "work"
     shutil.copytree(f"{embedded_workdir}/features", work / "features")
@@ -92,7 +93,7 @@ def test_jobs_index_streams_into_several_shards_that_search_as_one(ray_session, 
     index = ShardedIndex(group_dir(str(work), "all", "mpnet"))
     products, categories = load_products(str(work)), load_categories(str(work))
     assert sorted(index.ids) == sorted(products.ids)  # every product once
-    ranker = MPNetRanker()
+    ranker = load_ranker("", "mpnet")
     queries = ranker.query_vectors(Queries.from_categories(categories, categories.ids[:30]))
     exact = rank_scores(queries @ ranker.product_vectors(products).T, 10)
     found = index.search(queries, 10, ef=600)

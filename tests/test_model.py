@@ -266,11 +266,11 @@ def features(n: int, seed: int):
 def test_an_untrained_residual_model_is_the_mpnet_zero_shot_ranker():
     import numpy as np
 
-    from clipita.rankers import HeadRanker, MPNetRanker
+    from clipita.rankers import HeadRanker, load_ranker
 
     products, queries = features(50, 0)
     torch.manual_seed(0)
-    ranker, mpnet = HeadRanker(ClipIta(residual("ita"))), MPNetRanker()
+    ranker, mpnet = HeadRanker(ClipIta(residual("ita"))), load_ranker("", "mpnet")
     np.testing.assert_allclose(ranker.scores(queries, products), mpnet.scores(queries, products), atol=1e-6)
     assert np.array_equal(ranker.rank(queries, products, 50)[0], mpnet.rank(queries, products, 50)[0])
     # CLIP-IA passes its attributes vector through (it has no title)
@@ -284,7 +284,7 @@ def test_an_untrained_residual_model_is_the_mpnet_zero_shot_ranker():
 def test_residual_heads_train_and_alpha_zero_is_zero_shot_again(tmp_path):
     import numpy as np
 
-    from clipita.rankers import HeadRanker, MPNetRanker
+    from clipita.rankers import HeadRanker, load_ranker
 
     torch.manual_seed(0)
     model = ClipIta(residual(learnable_tau=True, tau=0.07))
@@ -294,7 +294,7 @@ def test_residual_heads_train_and_alpha_zero_is_zero_shot_again(tmp_path):
     for s in range(3):
         train_step(model, ContrastiveLoss(label_mask=True), optimizer, random_batch(seed=s))
     products, queries = features(50, 1)
-    mpnet = MPNetRanker().scores(queries, products)
+    mpnet = load_ranker("", "mpnet").scores(queries, products)
     assert not np.allclose(HeadRanker(model).scores(queries, products), mpnet, atol=1e-3)  # it learnt something
     model.set_residual_scale(0.5)
     save_checkpoint(str(tmp_path / "best"), model, None, {"alpha": 0.5})

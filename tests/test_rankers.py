@@ -7,9 +7,9 @@ from clipita.features import labels_for, load_categories, load_products
 from clipita.loss import ContrastiveLoss
 from clipita.metrics import count_relevant, hits_from_ranking, rank_scores, retrieval_metrics
 from clipita.model import ClipIta, HeadConfig, evaluate_loss, make_optimizer, train_step
-from clipita.rankers import BASELINES, BM25Ranker, HeadRanker, Queries, baseline, tokenize
+from clipita.models import BASELINES, get
+from clipita.rankers import BM25Ranker, HeadRanker, Queries, load_ranker, tokenize
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def random_p10(products, labels, setting="specific", trials=20):
 @pytest.mark.parametrize("name", BASELINES)
 def test_every_baseline_runs_through_the_interface(data, name):
     products, categories, labels = data
-    m = evaluate(baseline(name), products, categories, labels)
+    m = evaluate(load_ranker("", name), products, categories, labels)
     assert set(m) >= {"P@1", "P@5", "P@10", "mAP@5", "mAP@10", "R-prec", "mAP@10_std"}
     assert all(0 <= m[k] <= 100 for k in ("P@1", "P@10", "mAP@10", "R-prec"))
     if name in ("bm25", "mpnet"):  # titles carry category words: the text baselines beat chance clearly
@@ -57,7 +57,7 @@ def test_bm25_tokenisation_and_empty_titles():
 def test_bm25_ranks_through_the_inverted_index_as_rank_bm25_scores(data):
     products, categories, _ = data
     queries = Queries.from_categories(categories, categories.ids[:40])
-    ranker = BM25Ranker()
+    ranker = BM25Ranker(get("bm25"))
     rows, scores = ranker.rank(queries, products, 25)
     dense = ranker.scores(queries, products)  # rank_bm25: every title scored
     assert np.array_equal(rows, rank_scores(dense, 25))

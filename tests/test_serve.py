@@ -14,10 +14,10 @@ import pytest
 import requests
 
 from clipita.features import load_categories, load_products
-from clipita.index import ShardedIndex, group_dir
+from clipita.index import ShardedIndex
+from clipita.workdir import group_dir
 from clipita.rankers import Queries, load_ranker
 
-pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -41,6 +41,21 @@ def server(ray_session, trained_workdir, embedded_workdir):
     serve.run(app({"workdir": trained_workdir, "setting": "all"}), name="clipita", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
+
+
+def test_ef_and_query_text_default_to_what_the_index_recorded(tmp_path):
+    from clipita import storage
+    from serve.app import ROWS_GROUP, ServeConfig, recorded_search
+
+    manifest = os.path.join(group_dir(str(tmp_path), "all", ROWS_GROUP), "manifest.json")
+    storage.write_json(manifest, {"expansion_search": 77, "query_text": "path"})
+    cfg = recorded_search(ServeConfig(workdir=str(tmp_path)))
+    assert (cfg.ef, cfg.query_text) == (77, "path")
+    cfg = recorded_search(ServeConfig(workdir=str(tmp_path), ef=300, query_text="name"))  # asked for: kept
+    assert (cfg.ef, cfg.query_text) == (300, "name")
+    storage.write_json(manifest, {})  # an index built before they were recorded: the defaults it was built with
+    cfg = recorded_search(ServeConfig(workdir=str(tmp_path)))
+    assert (cfg.ef, cfg.query_text) == (128, "name")
 
 
 def test_config_file_is_a_valid_serve_config_for_this_app():
@@ -112,7 +127,8 @@ def test_search_equals_the_models_ranking_over_all_products(server, trained_work
     assert served == [list(products.ids[r]) for r in exact_rows]
     np.testing.assert_allclose(scores, exact_scores, atol=1e-4)
     index = ShardedIndex(group_dir(trained_workdir, "all", "clip-ita-all"))
-    assert served == [list(index.ids[r]) for r in index.search(ranker.query_vectors(queries), k, ef=256).rows]
+    assert index.manifest["expansion_search"] == 128  # recorded by jobs.index, searched with by the app
+    assert served == [list(index.ids[r]) for r in index.search(ranker.query_vectors(queries), k, ef=128).rows]
 
     # a bare name resolves to a tree category; results carry the product's title and an image URL of the app
     name = categories[0].rsplit(" > ", 1)[-1]

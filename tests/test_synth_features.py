@@ -14,7 +14,7 @@ import pytest
 
 from clipita import catalog, features, storage, synth_features
 from clipita.config import EncoderConfig
-from clipita.embed import _vector_column
+from clipita.vectors import vector_column
 from clipita.tree import CategoryTree, category_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,7 @@ def _files(workdir: str) -> dict[str, bytes]:
 
 
 def _vector_type(d: int, dtype) -> pa.DataType:
-    return _vector_column(np.zeros((1, d), dtype)).type  # exactly what jobs.embed writes
+    return vector_column(np.zeros((1, d), dtype)).type  # exactly what jobs.embed writes
 
 
 def test_layout_and_schema(workdir):

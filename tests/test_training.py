@@ -9,10 +9,10 @@ import pytest
 from clipita import storage
 from clipita.checkpoint import load_model
 from clipita.config import load_config
-from clipita.training import best_checkpoint, run_dir, train, train_runs
+from clipita.training import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, train, train_runs
+from clipita.workdir import best_checkpoint, run_dir
 from conftest import DEMO_SETTINGS, OFFLINE_CONFIG
 
-pytestmark = pytest.mark.slow
 # The distribution tests compare validation losses: the paper recipe's (selection on that loss, a fixed τ); the
 # residual recipe has its own test below.
 SMALL = {**DEMO_SETTINGS, "train.recipe": "paper", "train.hidden_dim": 64, "train.output_dim": 32, "train.lr": 1e-3,
@@ -78,11 +78,13 @@ def test_runs_share_one_group_and_a_streamed_shard_trains_like_a_cached_one(ray_
         assert abs(va - vb) <= VAL_TOLERANCE * va, (a, b)
 
 
-def test_a_killed_worker_is_survived_and_the_run_resumes(ray_session, embedded_workdir, tmp_path):
+def test_a_killed_worker_is_survived_and_the_run_resumes(ray_session, embedded_workdir, tmp_path, monkeypatch):
     work = workdir_with_features(embedded_workdir, tmp_path, "killed")
     marker = str(tmp_path / "killed-once")
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
+    monkeypatch.setenv(FAIL_MARKER_ENV, marker)
     stats = train(work, "ia", "all", config(epochs=4, workers=2, batch_size=16, max_failures=2),
-                  log=lambda *_: None, fail_at_epoch=2, fail_marker=marker)
+                  log=lambda *_: None)
     assert storage.exists(marker)  # the worker did die at epoch 3
     c = curve(work, "ia", "all")
     assert [h["epoch"] for h in c] == [1, 2, 3, 4] and stats["epochs"] == 4
@@ -115,8 +117,8 @@ def test_residual_recipe_selects_on_validation_retrieval_and_picks_alpha(ray_ses
     assert stats["ita-specific"]["alpha"] == best["alpha"] and stats["ita-specific"]["recipe"] == "residual"
     # the rankers (index, evaluate, serve) load the residual model, α included, in the text encoder's space
     ranker = load_ranker(work, "clip-ita", "specific")
-    assert ranker.model.config.residual and ranker.model.residual_scale.item() == best["alpha"]
-    assert ranker.model.config.output_dim == vector_dims(work, "clip-ita", "specific") == \
+    assert ranker.heads.config.residual and ranker.heads.residual_scale.item() == best["alpha"]
+    assert ranker.heads.config.output_dim == vector_dims(work, "clip-ita", "specific") == \
         vector_dims(work, "mpnet", None)
     # CLIP-I has no text to pass through: a plain head, no α, the same selection
     plain = load_model(best_checkpoint(work, "i", "specific"))

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from clipita import storage, xmarket
-from clipita.catalog import read_catalog
+from catalogs import read_catalog
+from clipita.catalog import REJECTS_FILE
 from jobs.xmarket import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +41,7 @@ def rows_by_id(root: str) -> dict[str, dict]:
 
 
 def rejects(root: str) -> dict[str, tuple[str | None, str]]:
-    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, xmarket.REJECTS_FILE))))
+    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, REJECTS_FILE))))
     return {r["source"]: (r["product_id"], r["reason"]) for r in table.to_pylist()}
 
 

@@ -1,0 +1,77 @@
+"""The workdir layout (DESIGN.md): every path a stage writes and a later stage or the endpoint reads, and nothing
+else. Each function takes the workdir URI (local or s3://) and returns a URI under it.
+
+    catalog.json                         where the catalogue is (jobs.embed)
+    features/products/<part>.parquet     product features; categories.parquet, encoders.json, stats.json beside
+    quarantine/<part>.parquet            rows jobs.embed could not use, with their reasons
+    checkpoints/<variant>-<setting>/     one training run: last/, best/, curve.json, curve.png, stats.json
+    index/<scope>/<group>/               USearch shards + manifest.json; index/<scope>/rows/, index/stats.json
+    metrics.json, metrics.md, metrics.png, evaluation/stats.json, pipeline.json
+"""
+from __future__ import annotations
+
+from clipita.storage import join
+
+
+def catalog_record(workdir: str) -> str:
+    return join(workdir, "catalog.json")
+
+
+def features_dir(workdir: str) -> str:
+    return join(workdir, "features")
+
+
+def product_features_dir(workdir: str) -> str:
+    return join(workdir, "features", "products")
+
+
+def categories_file(workdir: str) -> str:
+    return join(workdir, "features", "categories.parquet")
+
+
+def encoders_record(workdir: str) -> str:
+    """The encoders the features were computed with (every later stage and the endpoint use the same)."""
+    return join(workdir, "features", "encoders.json")
+
+
+def quarantine_dir(workdir: str) -> str:
+    return join(workdir, "quarantine")
+
+
+def checkpoints_dir(workdir: str) -> str:
+    return join(workdir, "checkpoints")
+
+
+def run_name(variant: str, setting: str) -> str:
+    return f"{variant}-{setting}"
+
+
+def run_dir(workdir: str, variant: str, setting: str) -> str:
+    return join(workdir, "checkpoints", run_name(variant, setting))
+
+
+def best_checkpoint(workdir: str, variant: str, setting: str) -> str:
+    return join(run_dir(workdir, variant, setting), "best")
+
+
+def index_dir(workdir: str) -> str:
+    return join(workdir, "index")
+
+
+def group_dir(workdir: str, scope: str, group: str) -> str:
+    """One index group (a model, and for trained heads its setting) of a scope: ``test`` or ``all`` products."""
+    return join(workdir, "index", scope, group)
+
+
+def metrics_file(workdir: str, kind: str = "json") -> str:
+    """metrics.json (the rows), metrics.md (the report) or metrics.png."""
+    return join(workdir, f"metrics.{kind}")
+
+
+def stage_stats(workdir: str, stage: str) -> str:
+    """``stats.json`` of a stage: features/ (embed), index/, evaluation/."""
+    return join(workdir, {"embed": "features", "index": "index", "evaluate": "evaluation"}[stage], "stats.json")
+
+
+def pipeline_record(workdir: str) -> str:
+    return join(workdir, "pipeline.json")
