@@ -443,8 +443,9 @@ def build_indexes(workdir: str, cfg, log=print) -> dict:
     built = []
     for scope in SCOPES:
         # what a reader of the index must search with to get what jobs.evaluate measured (serve reads them)
-        meta = {REGISTRY[m].index_group(s): {"model": m, "setting": s, "scope": scope, "expansion_search": ic.expansion_search,
-                                   "query_text": cfg.data.query_text} for m, s in groups}
+        meta = {REGISTRY[m].index_group(s): {"model": m, "setting": s, "scope": scope,
+                                             "expansion_search": ic.expansion_search,
+                                             "query_text": cfg.data.query_text} for m, s in groups}
         for g, manifest in write_manifests(storage.join(root, scope), dims, entries[scope], meta, ic.dtype).items():
             built.append({"group": g, "scope": scope, "count": manifest["count"], "shards": len(manifest["shards"])})
         log(f"index: {scope}: {built[-1]['count']:,} products in {built[-1]['shards']} shards per model")

@@ -112,10 +112,11 @@ def quiet_driver_loggers(progress_bars: bool) -> None:
 
 
 def worker_setup() -> None:
-    """worker_process_setup_hook of a local Ray (runtime.start_ray). Ray Train's PlacementGroupCleaner looks its cluster up without an
-    address; on a machine running more than one Ray (CI, shared hosts) that raises ConnectionError in its monitor
-    thread, a 20-line traceback on every Train run. That one exception goes to the worker's .err file in Ray's log
-    folder (not forwarded to the console); any other thread exception is printed as usual."""
+    """worker_process_setup_hook of a local Ray (runtime.start_ray). Ray Train's PlacementGroupCleaner looks its
+    cluster up without an address; on a machine running more than one Ray (CI, shared hosts) that raises
+    ConnectionError in its monitor thread, a 20-line traceback on every Train run. That one exception goes to the
+    worker's .err file in Ray's log folder (not forwarded to the console); any other thread exception is printed
+    as usual. Reads the worker's private ``ray._private.worker._global_node`` for the log folder."""
     import threading
     import traceback
 
@@ -143,8 +144,9 @@ def filter_driver_stderr(logs: str, quiet_line: str) -> None:
     """Ray core (C++) in the driver writes its ERROR lines to file descriptor 2 itself, past Python's logging and
     the log_to_driver filter. One of them is a false alarm on every healthy run (``quiet_line``, a regex:
     runtime.QUIET_WORKER_LINES[0], ray#53727: Ray Data keeps the referenced constructor arguments alive for as long
-    as its actor pools live). Route fd 2 through a pipe whose reader moves that line to ``<logs>/driver-<pid>.quiet.err`` and passes every other byte on as it
-    comes (a partial line, such as a progress bar's, after 0.1 s). The original stderr is back at exit."""
+    as its actor pools live). Route fd 2 through a pipe whose reader moves that line to
+    ``<logs>/driver-<pid>.quiet.err`` and passes every other byte on as it comes (a partial line, such as a progress
+    bar's, after 0.1 s). The original stderr is back at exit."""
     import atexit
     import re
     import select

@@ -193,29 +193,25 @@ def choose_alpha(model, alphas, score) -> tuple[float, dict[str, float]]:
     return alpha, {str(a): v for a, v in scores.items()}
 
 
-def train_loop(config: dict) -> dict:
-    """Runs in every Ray Train worker: every run of ``config["runs"]``, epoch by epoch."""
-    import ray.train
+def _worker_threads(tc: TrainConfig, ctx, use_gpu: bool) -> None:
+    """Torch's threads in a CPU worker. Ray sets one OpenMP thread per reserved CPU; the reads feeding the workers
+    mostly wait (and a cached shard is read once), so the node's cores go to the workers on it. Local mode
+    (train.workers 0) keeps the driver's threads."""
     import torch
-    import torch.distributed as dist
-    from ray.train.torch import prepare_model
 
-    from clipita.checkpoint import load_metadata, load_model, load_optimizer, save_checkpoint
-    from clipita.loss import ContrastiveLoss
-    from clipita.model import ClipIta, HeadConfig, evaluate_loss, make_optimizer, train_step, unwrap
-
-    tc = TrainConfig(**config["train"])
-    seen = config["seen"]  # setting -> (C,) bool: categories some train product is labelled with
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    use_gpu = tc.use_gpu and torch.cuda.is_available()
-    if not use_gpu and tc.workers > 0:  # local mode (0) keeps the driver's threads
-
-        # Ray sets one OpenMP thread per reserved CPU; the reads feeding the workers mostly wait (and a cached shard
-        # is read once), so the node's cores go to the workers on it
+    if not use_gpu and tc.workers > 0:
         torch.set_num_threads(tc.torch_threads or max(1, int(tc.cpus_per_worker),
                                                       node_cores() // ctx.get_local_world_size()))
-    categories = torch.from_numpy(np.array(config["categories"], dtype=np.float32))  # writable copy: no warning
+
+
+def _resume_runs(config: dict, tc: TrainConfig) -> list[Run]:
+    """Every run of the group, from its ``last/`` checkpoint where one exists (a restarted group, or a re-run)."""
+    import torch
+    from ray.train.torch import prepare_model
+
+    from clipita.checkpoint import load_metadata, load_model, load_optimizer
+    from clipita.model import ClipIta, HeadConfig, make_optimizer
+
     runs: list[Run] = []
     for spec in config["runs"]:
         torch.manual_seed(tc.seed)
@@ -223,7 +219,7 @@ def train_loop(config: dict) -> dict:
         optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
         history, best, start, meta = [], float("inf"), 0, {}
         last = storage.join(spec["run_dir"], "last")
-        if storage.exists(storage.join(last, "config.json")):  # resume: a restarted group, or a re-run
+        if storage.exists(storage.join(last, "config.json")):
             model.load_state_dict(load_model(last).state_dict())
             load_optimizer(last, optimizer)
             meta = load_metadata(last)
@@ -231,80 +227,147 @@ def train_loop(config: dict) -> dict:
         runs.append(Run(spec["name"], spec["setting"], spec["batch"], spec["run_dir"], prepare_model(model),
                         optimizer, history, best, start, kg_weight=tc.kg_weight if model.config.residual else 0.0,
                         stale=meta.get("stale", 0), stopped=meta.get("stopped", False)))
+    return runs
+
+
+def _fail_if_asked(config: dict, epoch: int, rank: int, world: int) -> None:
+    """The resume tests' failure (FAIL_AT_EPOCH_ENV): the last worker dies once; FailureConfig restarts the group
+    from the last checkpoint."""
+    marker = config["fail_marker"]
+    if marker and config["fail_at_epoch"] == epoch and rank == world - 1 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+
+
+def _train_epoch(active: list[Run], batches, loss_fn, categories, autocast) -> int:
+    """One pass over this worker's loader batches, every active run stepping on its own slices of each; returns
+    the number of loader batches."""
+    from clipita.model import train_step
+
+    steps = 0
+    for r in active:
+        r.losses, r.seconds = [], 0.0
+    for rows in batches:
+        steps += 1
+        for r in active:
+            t0 = time.time()
+            for part in _slices(rows, r.batch):
+                r.losses.append(train_step(r.model, loss_fn, r.optimizer, _tensors(part, r.setting, categories),
+                                           autocast_dtype=autocast, kg_weight=r.kg_weight))
+            r.seconds += time.time() - t0
+    return steps
+
+
+def _end_epoch(r: Run, epoch: int, tc: TrainConfig, val: dict, val_loss_fn, categories, seen, rank: int,
+               world: int, device) -> str:
+    """After one epoch of run ``r``: the global train loss, validation (rank 0), the selection figure and its
+    history row, the early-stop decision (rank 0's, broadcast to every rank) and the checkpoints (rank 0).
+    Returns the run's part of the epoch's progress line."""
+    import torch
+    import torch.distributed as dist
+
+    from clipita.checkpoint import save_checkpoint
+    from clipita.model import evaluate_loss, unwrap
+
+    train_loss = torch.tensor(float(np.mean(r.losses)) if r.losses else float("nan"))
+    if world > 1:  # the mean of the ranks' local losses is the loss of the global batch (clipita.loss)
+        dist.all_reduce(train_loss)
+        train_loss /= world
+    inner = unwrap(r.model)
+    val_loss, rp = float("nan"), {"seen": float("nan"), "unseen": float("nan"), "hm": float("nan")}
+    if rank == 0 and val and len(val["label_general"]) >= 2:
+        size = min(r.batch * world, len(val["label_general"]))
+        val_loss = evaluate_loss(inner, val_loss_fn, (_tensors(p, r.setting, categories)
+                                                      for p in _slices(val, size, drop_last=False)))
+        rp = val_retrieval(inner, val, r.setting, categories, seen[r.setting])
+    # what best/ minimises (train.select): the validation loss (paper), or minus the validation R-precision's
+    # harmonic mean (retrieval; residual's default)
+    if tc.select == "retrieval" and not np.isnan(rp["hm"]):
+        selection = -rp["hm"]
+    else:
+        selection = val_loss if not np.isnan(val_loss) else train_loss.item()
+    samples = len(r.losses) * r.batch * world
+    r.history.append({"epoch": epoch + 1, "train_loss": train_loss.item(), "val_loss": val_loss,
+                      "val_rprec_seen": rp["seen"], "val_rprec_unseen": rp["unseen"],
+                      "val_rprec_hm": rp["hm"], "seconds": round(r.seconds, 3),
+                      "samples_per_s": round(samples / r.seconds, 1) if r.seconds else None,
+                      "tau": (1 / inner.logit_scale.detach().exp()).item(),
+                      "attempt_start_epoch": r.start})  # where this (possibly restarted) group began
+    improved = selection < r.best
+    r.best = min(r.best, selection)
+    r.stale = 0 if improved else r.stale + 1
+    # rank 0 alone scores the validation split: its decision to stop a run is every rank's
+    stop = torch.tensor([float(tc.patience > 0 and r.stale >= tc.patience)], device=device)
+    if world > 1:
+        dist.broadcast(stop, src=0)
+    r.stopped = bool(stop.item())
+    if rank == 0:
+        meta = {"epoch": epoch + 1, "history": r.history, "best": r.best, "name": r.name,
+                "stale": r.stale, "stopped": r.stopped}
+        if improved:
+            save_checkpoint(storage.join(r.run_dir, "best"), inner, None, meta)
+        if (epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs or r.stopped:
+            save_checkpoint(storage.join(r.run_dir, "last"), inner, r.optimizer, meta)
+        storage.write_json(storage.join(r.run_dir, "curve.json"), r.history)
+    return f"{r.name} {train_loss.item():.3f}/{val_loss:.3f} {rp['seen']:.1f}/{rp['unseen']:.1f}/{rp['hm']:.1f}"
+
+
+def _choose_alphas(runs: list[Run], tc: TrainConfig, val: dict, categories, seen) -> None:
+    """Rank 0, after the last epoch: each residual run's α on validation retrieval, saved into best/ (once; a
+    group restarted after the last epoch still does it, and finished() checks for it)."""
+    from clipita.checkpoint import load_metadata, load_model, save_checkpoint
+    from clipita.model import unwrap
+
+    for r in runs:
+        best = storage.join(r.run_dir, "best")
+        if not (unwrap(r.model).config.residual and storage.exists(storage.join(best, "config.json"))):
+            continue
+        meta = load_metadata(best)
+        if "alpha" in meta:
+            continue
+        model = load_model(best).to(next(unwrap(r.model).parameters()).device)
+        has_val = bool(val) and len(val["label_general"]) >= 2
+        alpha, scores = choose_alpha(model, tc.alphas, lambda m: val_retrieval(
+            m, val, r.setting, categories, seen[r.setting])["hm"] if has_val else float("nan"))
+        save_checkpoint(best, model, None, dict(meta, alpha=alpha, alpha_val_rprec_hm=scores))
+        print(f"train: {r.name}: residual scale α = {alpha} (val R-prec HM by α: "
+              f"{', '.join(f'{a}: {v:.1f}' for a, v in scores.items())})", flush=True)
+
+
+def train_loop(config: dict) -> dict:
+    """Runs in every Ray Train worker: every run of ``config["runs"]``, epoch by epoch."""
+    import ray.train
+    import torch
+
+    from clipita.loss import ContrastiveLoss
+
+    tc = TrainConfig(**config["train"])
+    seen = config["seen"]  # setting -> (C,) bool: categories some train product is labelled with
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = tc.use_gpu and torch.cuda.is_available()
+    _worker_threads(tc, ctx, use_gpu)
+    categories = torch.from_numpy(np.array(config["categories"], dtype=np.float32))  # writable copy: no warning
+    runs = _resume_runs(config, tc)
     if rank == 0 and any(r.start for r in runs):
         print(f"train: resuming {', '.join(f'{r.name} after epoch {r.start}' for r in runs if r.start)}")
     device = next(runs[0].model.parameters()).device
     autocast = torch.bfloat16 if use_gpu else None
     loss_fn = ContrastiveLoss(tc.lam, tc.label_mask, gather=True)
     val_loss_fn = ContrastiveLoss(tc.lam, tc.label_mask, gather=False)
-    loader_batch = config["loader_batch"]
     shard = ray.train.get_dataset_shard("train")
     cached = _load_all(shard) if config["cache"] else None
     val = _load_all(ray.train.get_dataset_shard("val")) if rank == 0 else {}
 
     for epoch in range(min(r.start for r in runs), tc.epochs):
-        if (config["fail_marker"] and config["fail_at_epoch"] == epoch and rank == world - 1
-                and not os.path.exists(config["fail_marker"])):
-            open(config["fail_marker"], "w").close()
-            os._exit(1)  # test hook: a worker dies; FailureConfig restarts the group from the last checkpoint
+        _fail_if_asked(config, epoch, rank, world)
         active = [r for r in runs if r.start <= epoch and not r.stopped]
         if not active:
             break
-        t_epoch, steps = time.time(), 0
-        for r in active:
-            r.losses, r.seconds = [], 0.0
-        for rows in _epoch_batches(tc, shard, cached, loader_batch, epoch, rank):
-            steps += 1
-            for r in active:
-                t0 = time.time()
-                for part in _slices(rows, r.batch):
-                    r.losses.append(train_step(r.model, loss_fn, r.optimizer, _tensors(part, r.setting, categories),
-                                               autocast_dtype=autocast, kg_weight=r.kg_weight))
-                r.seconds += time.time() - t0
-        line = []
-        for r in active:
-            train_loss = torch.tensor(float(np.mean(r.losses)) if r.losses else float("nan"))
-            if world > 1:  # the mean of the ranks' local losses is the loss of the global batch (clipita.loss)
-                dist.all_reduce(train_loss)
-                train_loss /= world
-            inner = unwrap(r.model)
-            val_loss, rp = float("nan"), {"seen": float("nan"), "unseen": float("nan"), "hm": float("nan")}
-            if rank == 0 and val and len(val["label_general"]) >= 2:
-                size = min(r.batch * world, len(val["label_general"]))
-                val_loss = evaluate_loss(inner, val_loss_fn, (_tensors(p, r.setting, categories)
-                                                              for p in _slices(val, size, drop_last=False)))
-                rp = val_retrieval(inner, val, r.setting, categories, seen[r.setting])
-            # what best/ minimises (train.select): the validation loss (paper), or minus the validation R-precision's
-            # harmonic mean (retrieval; residual's default)
-            if tc.select == "retrieval" and not np.isnan(rp["hm"]):
-                selection = -rp["hm"]
-            else:
-                selection = val_loss if not np.isnan(val_loss) else train_loss.item()
-            samples = len(r.losses) * r.batch * world
-            r.history.append({"epoch": epoch + 1, "train_loss": train_loss.item(), "val_loss": val_loss,
-                              "val_rprec_seen": rp["seen"], "val_rprec_unseen": rp["unseen"],
-                              "val_rprec_hm": rp["hm"], "seconds": round(r.seconds, 3),
-                              "samples_per_s": round(samples / r.seconds, 1) if r.seconds else None,
-                              "tau": (1 / inner.logit_scale.detach().exp()).item(),
-                              "attempt_start_epoch": r.start})  # where this (possibly restarted) group began
-            improved = selection < r.best
-            r.best = min(r.best, selection)
-            r.stale = 0 if improved else r.stale + 1
-            # rank 0 alone scores the validation split: its decision to stop a run is every rank's
-            stop = torch.tensor([float(tc.patience > 0 and r.stale >= tc.patience)], device=device)
-            if world > 1:
-                dist.broadcast(stop, src=0)
-            r.stopped = bool(stop.item())
-            if rank == 0:
-                meta = {"epoch": epoch + 1, "history": r.history, "best": r.best, "name": r.name,
-                        "stale": r.stale, "stopped": r.stopped}
-                if improved:
-                    save_checkpoint(storage.join(r.run_dir, "best"), inner, None, meta)
-                if (epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs or r.stopped:
-                    save_checkpoint(storage.join(r.run_dir, "last"), inner, r.optimizer, meta)
-                storage.write_json(storage.join(r.run_dir, "curve.json"), r.history)
-            line.append(f"{r.name} {train_loss.item():.3f}/{val_loss:.3f} "
-                        f"{rp['seen']:.1f}/{rp['unseen']:.1f}/{rp['hm']:.1f}")
+        t_epoch = time.time()
+        steps = _train_epoch(active, _epoch_batches(tc, shard, cached, config["loader_batch"], epoch, rank),
+                             loss_fn, categories, autocast)
+        line = [_end_epoch(r, epoch, tc, val, val_loss_fn, categories, seen, rank, world, device) for r in active]
         if rank == 0:
             print(f"train: epoch {epoch + 1}/{tc.epochs} {time.time() - t_epoch:.1f} s, {steps} steps; "
                   f"train/val loss, val R-prec seen/unseen/HM: {', '.join(line)}", flush=True)
@@ -313,21 +376,8 @@ def train_loop(config: dict) -> dict:
                 print(f"train: {', '.join(r.name for r in done)} stopped early: no better validation "
                       f"{tc.select} for {tc.patience} epochs (train.patience)", flush=True)
         ray.train.report({"epoch": epoch + 1})
-    if rank == 0:  # after the loop, so a group restarted after the last epoch still does it (finished() checks)
-        for r in runs:
-            best = storage.join(r.run_dir, "best")
-            if not (unwrap(r.model).config.residual and storage.exists(storage.join(best, "config.json"))):
-                continue
-            meta = load_metadata(best)
-            if "alpha" in meta:
-                continue
-            model = load_model(best).to(next(unwrap(r.model).parameters()).device)
-            has_val = bool(val) and len(val["label_general"]) >= 2
-            alpha, scores = choose_alpha(model, tc.alphas, lambda m: val_retrieval(
-                m, val, r.setting, categories, seen[r.setting])["hm"] if has_val else float("nan"))
-            save_checkpoint(best, model, None, dict(meta, alpha=alpha, alpha_val_rprec_hm=scores))
-            print(f"train: {r.name}: residual scale α = {alpha} (val R-prec HM by α: "
-                  f"{', '.join(f'{a}: {v:.1f}' for a, v in scores.items())})", flush=True)
+    if rank == 0:
+        _choose_alphas(runs, tc, val, categories, seen)
     return {r.name: {"history": r.history, "best": r.best} for r in runs}
 
 
