@@ -43,8 +43,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from clipita import embed, storage, synth  # noqa: E402
+from clipita import storage  # noqa: E402
 from clipita.config import ConfigError, load_config  # noqa: E402
+from clipita.sources import synth  # noqa: E402
+from clipita.stages import embed  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared machine.py beside this script
 from machine import cpu, torch_device  # noqa: E402

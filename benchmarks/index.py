@@ -127,7 +127,9 @@ def bench_usearch(base, queries, efs, args, dtype: str) -> list[tuple[str, float
 def bench_clipita(base, queries, efs, args, folder: str, dtype: str) -> list[tuple[str, float, int, float,
                                                                                 np.ndarray]]:
     from clipita.config import IndexConfig
-    from clipita.index import ShardedIndex, build_group, rows_per_shard, shard_count
+    from clipita.index import ShardedIndex, build_group
+
+    from clipita.stages.index import rows_per_shard, shard_count
 
     uri = os.path.join(folder, "clipita-index")
     ids = np.array([f"P{i:07d}" for i in range(len(base))], dtype=object)

@@ -57,10 +57,10 @@ def free_port() -> int:
 def build_workdir(out: str, products: int, config: str) -> str:
     """A small workdir for the benchmark: synthetic catalogue -> embed -> CLIP-ITA (setting all) -> index."""
     from clipita.config import load_config
-    from clipita.embed import run_embed
-    from clipita.index import build_indexes
-    from clipita.synth import write_catalog
-    from clipita.training import train
+    from clipita.sources.synth import write_catalog
+    from clipita.stages.embed import run_embed
+    from clipita.stages.index import build_indexes
+    from clipita.stages.train import train
 
     workdir = os.path.join(out, "work")
     if os.path.exists(os.path.join(workdir, "index", "stats.json")):

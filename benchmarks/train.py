@@ -43,11 +43,13 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from clipita import embed, storage, training  # noqa: E402
+from clipita import storage  # noqa: E402
 from clipita import workdir as workdir_layout  # noqa: E402
 from clipita.config import ConfigError, load_config  # noqa: E402
 from clipita.features import labels_for, load_categories, load_products  # noqa: E402
-from clipita.synth import CATEGORY_PATHS  # noqa: E402
+from clipita.sources.synth import CATEGORY_PATHS  # noqa: E402
+from clipita.stages import embed  # noqa: E402
+from clipita.stages import train as training  # noqa: E402
 from clipita.tree import CategoryTree  # noqa: E402
 from clipita.vectors import vector_column  # noqa: E402
 

@@ -19,9 +19,8 @@ import pyarrow.parquet as pq
 
 from clipita import storage
 from clipita.config import DataConfig, EncoderConfig, section_from_dict
-from clipita.embed import read_parquet_dir
-from clipita.tree import SETTINGS, CategoryTree, Labeler, Labels, assign_labels, category_id, unit_hash
 from clipita.ray_compat import idle_backoff
+from clipita.tree import SETTINGS, CategoryTree, Labeler, Labels, assign_labels, category_id, unit_hash
 from clipita.vectors import vectors
 from clipita.workdir import categories_file, encoders_record, product_features_dir
 
@@ -65,7 +64,7 @@ class Products:
 
 def load_products(workdir: str) -> Products:
     """Every product in this process, sorted by id: small catalogues and tests only (jobs stream instead)."""
-    t = read_parquet_dir(product_features_dir(workdir))
+    t = storage.read_parquet_dir(product_features_dir(workdir))
     return Products.from_table(t.sort_by("product_id"))  # a stable order whatever the order parts finished in
 
 

@@ -142,6 +142,18 @@ def parquet_files(uri: str) -> list[str]:
     return [prefix + f for f in files]
 
 
+def read_parquet_dir(uri: str, columns: list[str] | None = None):
+    """All parquet files of a folder (local or s3) as one pyarrow table, files in name order (small folders, tests)."""
+    files = [filesystem(f)[1] for f in parquet_files(uri)]
+    if not files:
+        raise FileNotFoundError(f"no parquet files under {uri}")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    afs, _ = arrow_filesystem(uri)
+    return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=afs) for f in files])
+
+
 def resolve(base: str, location: str) -> str:
     """A location relative to ``base`` (a catalogue root), or an absolute URI / path as it is."""
     if "://" in location or location.startswith("/"):

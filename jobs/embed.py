@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clipita import embed, runtime
+from clipita import runtime
+from clipita.stages import embed
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from clipita import evaluation, runtime, storage, workdir
+from clipita import runtime, storage, workdir
+from clipita.stages import evaluate
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     with runtime.job("jobs.evaluate"):
         cfg = runtime.config_from_args(args)
         runtime.start_ray()
-        rows = evaluation.evaluate(args.workdir, cfg)
+        rows = evaluate.evaluate(args.workdir, cfg)
         print(storage.read_bytes(workdir.metrics_file(args.workdir, "md")).decode())
         print(f"jobs.evaluate: {len(rows)} rows -> {storage.join(args.workdir, 'metrics.json')}, "
               f"{storage.join(args.workdir, 'metrics.png')}")

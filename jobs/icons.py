@@ -8,8 +8,8 @@
 files (metadata.json and svg/, directly or under package/). Each icon becomes one product: its name, its friendly
 name as title, its aliases as "tag: X" attributes, [category, subcategory] as its path, and its 32 px SVG rendered
 to a --size x --size PNG on white in <out>/images/. The field mapping and the reject reasons are in
-clipita/icons.py. Icons that cannot be converted go to <out>/conversion_rejects.parquet and are counted here. Then
-run `python -m jobs.pipeline --catalog <out> --workdir ...`.
+clipita/sources/icons.py. Icons that cannot be converted go to <out>/conversion_rejects.parquet and are counted
+here. Then run `python -m jobs.pipeline --catalog <out> --workdir ...`.
 
 A small job: it does not use Ray (rendering runs in a thread pool); exit status 2 with one line on bad arguments,
 an unreadable package or when no icon could be converted.
@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 
-from clipita import icons, runtime, storage
+from clipita import runtime, storage
 from clipita.catalog import REJECTS_FILE
+from clipita.sources import icons
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from clipita import index, runtime
+from clipita.stages.index import build_indexes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     with runtime.job("jobs.index"):
         cfg = runtime.config_from_args(args)
         runtime.start_ray()
-        stats = index.build_indexes(args.workdir, cfg)
+        stats = build_indexes(args.workdir, cfg)
         print(f"jobs.index: {len(stats['groups'])} indexes in {stats['seconds']} s under {args.workdir}/index")
 
 

@@ -16,8 +16,11 @@ import argparse
 import os
 import time
 
-from clipita import embed, evaluation, index, runtime, storage, synth, training, workdir
+from clipita import runtime, storage, workdir
 from clipita.models import VARIANTS
+from clipita.sources import synth
+from clipita.stages import embed, evaluate, train
+from clipita.stages.index import build_indexes
 from clipita.tree import SETTINGS
 
 OFFLINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "offline.yaml")
@@ -60,10 +63,10 @@ def main(argv: list[str] | None = None) -> None:
         stats = stage("embed", lambda: embed.run_embed(catalog, args.workdir, cfg))
         if stats["used"] == 0:
             raise ValueError(f"no usable product in {catalog}: see {args.workdir}/quarantine")
-        stage("train", lambda: training.train_runs(args.workdir, [(v, s) for s in SETTINGS for v in VARIANTS],
+        stage("train", lambda: train.train_runs(args.workdir, [(v, s) for s in SETTINGS for v in VARIANTS],
                                                    cfg))
-        stage("index", lambda: index.build_indexes(args.workdir, cfg))
-        stage("evaluate", lambda: evaluation.evaluate(args.workdir, cfg))
+        stage("index", lambda: build_indexes(args.workdir, cfg))
+        stage("evaluate", lambda: evaluate.evaluate(args.workdir, cfg))
         seconds["total"] = round(sum(seconds.values()), 1)
         storage.write_json(workdir.pipeline_record(args.workdir),
                            {"catalog": catalog, "products_read": stats["read"], "used": stats["used"],

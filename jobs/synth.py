@@ -1,4 +1,4 @@
-"""Write the synthetic demo catalogue: product images + ``products.parquet`` (see clipita/synth.py).
+"""Write the synthetic demo catalogue: product images + ``products.parquet`` (see clipita/sources/synth.py).
 
     python -m jobs.synth --out demo-catalog --products 20000 [--seed 0] [--workers 8]
     python -m jobs.synth --out s3://bucket/catalogs/demo --products 100000
@@ -8,14 +8,16 @@
 A small CPU job: it does not use Ray, only a pool of local processes (``--workers``, default min(CPUs, 8)).
 Under ``ray job submit`` it runs on the head node; write to ``s3://`` there so that other jobs can read it.
 The same seed gives byte-identical output whatever ``--workers`` is. ``--features-only`` writes a workdir instead
-of a catalogue: the features jobs.embed would write, at production widths, without images (clipita/synth_features.py).
+of a catalogue: the features jobs.embed would write, at production widths, without images
+(clipita/sources/synth_features.py).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from clipita import storage, synth, synth_features
+from clipita import storage
+from clipita.sources import synth, synth_features
 
 
 class _Parser(argparse.ArgumentParser):

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-from clipita import runtime, training, workdir
+from clipita import runtime, workdir
 from clipita.models import VARIANTS
+from clipita.stages import train
 from clipita.tree import SETTINGS
 
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     with runtime.job("jobs.train"):
         cfg = runtime.config_from_args(args)
         runtime.start_ray()
-        done = training.train_runs(args.workdir, runs, cfg)
+        done = train.train_runs(args.workdir, runs, cfg)
         for variant, setting in runs:
             stats = done[workdir.run_name(variant, setting)]
             print(f"jobs.train: {stats['run']}: {stats['epochs']} epochs, best val loss "

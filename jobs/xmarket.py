@@ -8,7 +8,7 @@
 --metadata is one metadata file (.json, .json.gz, one product per line) or a folder searched for
 metadata_*.json[.gz] (the paper uses the US market: point it at the market's folder). --images is an optional folder
 of downloaded product images, named <asin>.<ext> or as in the image URLs; found ones are copied into <out>/images/,
-the others keep their image URL. The field mapping and the reject reasons are in clipita/xmarket.py. Rows that
+the others keep their image URL. The field mapping and the reject reasons are in clipita/sources/xmarket.py. Rows that
 cannot be converted go to <out>/conversion_rejects.parquet and are counted here. Then run
 `python -m jobs.pipeline --catalog <out> --workdir ...`.
 
@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 
-from clipita import runtime, storage, xmarket
+from clipita import runtime, storage
 from clipita.catalog import REJECTS_FILE
+from clipita.sources import xmarket
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -120,8 +120,8 @@ DEMO_SETTINGS = {"data.unseen_fraction": 0.1, "embed.part_rows": 128, "embed.bat
 def embedded_workdir(ray_session, tmp_path_factory):
     """A synthetic catalogue of 600 products run through jobs.embed with the offline encoders (~30 s, once)."""
     from clipita.config import load_config
-    from clipita.embed import run_embed
-    from clipita.synth import write_catalog
+    from clipita.sources.synth import write_catalog
+    from clipita.stages.embed import run_embed
 
     base = tmp_path_factory.mktemp("demo")
     write_catalog(str(base / "catalog"), 600, seed=7, workers=1, progress=False)
@@ -143,8 +143,8 @@ def trained_workdir(embedded_workdir, tmp_path_factory):
     import shutil
 
     from clipita.config import load_config
-    from clipita.index import build_indexes
-    from clipita.training import train
+    from clipita.stages.index import build_indexes
+    from clipita.stages.train import train
 
     workdir = str(tmp_path_factory.mktemp("trained"))
     shutil.copytree(f"{embedded_workdir}/features", f"{workdir}/features")

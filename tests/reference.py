@@ -1,14 +1,14 @@
 """The first landing's in-memory evaluation (every test product in one process, exact brute-force ranking), kept
-as the reference that the streaming evaluation (clipita.evaluation) must reproduce on small workdirs."""
+as the reference that the streaming evaluation (clipita.stages.evaluate) must reproduce on small workdirs."""
 from __future__ import annotations
 
 import numpy as np
 
-from clipita.evaluation import METRICS, SPLITS, ancestor_matrix
 from clipita.features import labels_for, load_categories, load_products
 from clipita.metrics import count_relevant, hits_from_ranking, retrieval_metrics
 from clipita.models import MODELS
 from clipita.rankers import Queries, load_ranker
+from clipita.stages.evaluate import METRICS, SPLITS, ancestor_matrix
 from clipita.tree import SETTINGS
 
 

@@ -2,8 +2,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipita import storage
 from catalogs import read_catalog
+from clipita import storage
 from clipita.catalog import CatalogError
 
 GOOD = {

@@ -12,8 +12,9 @@ import pytest
 
 from clipita import storage
 from clipita.config import load_config
-from clipita.embed import finished_parts, read_parquet_dir, run_embed
-from clipita.synth import write_catalog
+from clipita.sources.synth import write_catalog
+from clipita.stages.embed import finished_parts, run_embed
+from clipita.storage import read_parquet_dir
 from conftest import OFFLINE_CONFIG, ROOT
 
 pytestmark = pytest.mark.slow

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from clipita import storage
-from clipita.evaluation import METRICS, ancestor_matrix, evaluate, hierarchy_hits
 from clipita.metrics import harmonic_mean
 from clipita.models import MODELS
+from clipita.stages.evaluate import METRICS, ancestor_matrix, evaluate, hierarchy_hits
 from reference import reference_metrics
 
 KEYS = {"setting", "model", "split", "queries", "candidates", "P@1", "P@5", "P@10", "mAP@5", "mAP@10", "R-prec",
@@ -103,8 +103,8 @@ def test_partitioned_ranking_equals_one_actor(trained_workdir, demo_config, tmp_
     import shutil
 
     from clipita.config import load_config
-    from clipita.evaluation import partitions
-    from clipita.index import build_indexes
+    from clipita.stages.evaluate import partitions
+    from clipita.stages.index import build_indexes
     from conftest import DEMO_SETTINGS, OFFLINE_CONFIG
 
     workdir = str(tmp_path / "work")
@@ -120,7 +120,7 @@ def test_partitioned_ranking_equals_one_actor(trained_workdir, demo_config, tmp_
 
 
 def test_partitions_by_hand():
-    from clipita.evaluation import partitions
+    from clipita.stages.evaluate import partitions
 
     assert partitions([5, 5, 5], 10) == [(0, 2, 0), (2, 3, 10)]
     assert partitions([12, 3], 10) == [(0, 1, 0), (1, 2, 12)]  # a shard larger than the bound is one partition

@@ -4,8 +4,8 @@ import pytest
 
 from clipita import storage
 from clipita.index import IndexIntegrityError, ShardedIndex, build_group
-from clipita.vectors import unit_rows
 from clipita.metrics import rank_scores
+from clipita.vectors import unit_rows
 
 
 
@@ -79,9 +79,9 @@ def test_jobs_index_streams_into_several_shards_that_search_as_one(ray_session, 
     import shutil
 
     from clipita.features import load_categories, load_products
-    from clipita.index import build_indexes
-    from clipita.workdir import group_dir
     from clipita.rankers import Queries, load_ranker
+    from clipita.stages.index import build_indexes
+    from clipita.workdir import group_dir
 
     work = tmp_path / "work"
     shutil.copytree(f"{embedded_workdir}/features", work / "features")
@@ -113,7 +113,7 @@ def test_unit_rows_scales_every_block_and_keeps_zero_rows_zero():
 
 
 def test_shard_plan_covers_every_row_once_in_equal_shards():
-    from clipita.index import plan_shards
+    from clipita.stages.index import plan_shards
 
     files = [("a", 100), ("b", 0), ("c", 57), ("d", 23)]
     plan = plan_shards(files, 70)

@@ -340,7 +340,7 @@ class _TodaysModel(torch.nn.Module):
 @pytest.mark.parametrize("variant", ["i", "ia", "ita"])
 def test_recipe_paper_builds_todays_model(variant, tmp_path):
     from clipita.config import load_config
-    from clipita.training import head_config
+    from clipita.stages.train import head_config
 
     tc = load_config(None, {"train.recipe": "paper", "train.hidden_dim": 32, "train.output_dim": 16}).train
     head = head_config(tc, variant, DI, DT)

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipita.synth import write_catalog
+from clipita.sources.synth import write_catalog
 from conftest import OFFLINE_CONFIG, ROOT, _free_port
 
 pytestmark = pytest.mark.slow

@@ -1,14 +1,14 @@
 """Model selection of the residual recipe without Ray: the validation R-precision over seen / unseen categories,
-its harmonic mean, and the WiSE-FT choice of the residual scale α (clipita/training.py)."""
+its harmonic mean, and the WiSE-FT choice of the residual scale α (clipita/stages/train.py)."""
 import math
 
 import numpy as np
 import torch
 
 from clipita.metrics import count_relevant, hits_from_ranking, rank_scores, retrieval_metrics
-from clipita.model import ClipIta, HeadConfig
 from clipita.metrics import harmonic_mean
-from clipita.training import choose_alpha, val_retrieval
+from clipita.model import ClipIta, HeadConfig
+from clipita.stages.train import choose_alpha, val_retrieval
 
 DI, DT, C, N = 12, 10, 40, 600
 

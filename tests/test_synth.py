@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from clipita import storage, synth
+from clipita import storage
+from clipita.sources import synth
 from clipita.tree import category_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

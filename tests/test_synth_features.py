@@ -12,10 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipita import catalog, features, storage, synth_features
+from clipita import catalog, features, storage
 from clipita.config import EncoderConfig
-from clipita.vectors import vector_column
+from clipita.sources import synth_features
 from clipita.tree import CategoryTree, category_id
+from clipita.vectors import vector_column
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, SEED = 3000, 3

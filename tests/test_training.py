@@ -9,7 +9,7 @@ import pytest
 from clipita import storage
 from clipita.checkpoint import load_model
 from clipita.config import load_config
-from clipita.training import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, train, train_runs
+from clipita.stages.train import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, train, train_runs
 from clipita.workdir import best_checkpoint, run_dir
 from conftest import DEMO_SETTINGS, OFFLINE_CONFIG
 
@@ -100,8 +100,8 @@ def test_too_small_a_split_is_one_clear_error(ray_session, embedded_workdir, tmp
 
 def test_residual_recipe_selects_on_validation_retrieval_and_picks_alpha(ray_session, embedded_workdir, tmp_path):
     from clipita.checkpoint import load_metadata
-    from clipita.index import vector_dims
     from clipita.rankers import load_ranker
+    from clipita.stages.index import vector_dims
 
     work = workdir_with_features(embedded_workdir, tmp_path, "residual")
     cfg = config(recipe="residual", tau=None, epochs=3, workers=1, batch_size=16)

@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from clipita import storage, xmarket
 from catalogs import read_catalog
+from clipita import storage
 from clipita.catalog import REJECTS_FILE
+from clipita.sources import xmarket
 from jobs.xmarket import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from clipita import storage
 from clipita.config import EncoderConfig
-from clipita.embed import finished_parts
+from clipita.stages.embed import finished_parts
 from clipita.tree import SEP
 from clipita.vectors import vector_column
 from clipita.workdir import catalog_record, categories_file, encoders_record, product_features_dir, stage_stats

@@ -19,40 +19,20 @@ Outputs: metrics.json (DESIGN.md rows), metrics.md (Table 1 layout with the pape
 """
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 
-from clipita import metrics, plots, storage
+from clipita import storage
 from clipita.bm25 import BM25Corpus, SparseBM25
 from clipita.features import census, labeler_for, load_categories, load_tree, recorded_encoders
 from clipita.index import IndexIntegrityError, ShardedIndex, read_rows
 from clipita.metrics import per_query_metrics
 from clipita.models import MODELS, REGISTRY, ROWS_GROUP
 from clipita.rankers import Queries, load_ranker
+from clipita.stages.report import METRICS, SPLITS, add_base_to_new, clean, metrics_markdown, metrics_png
 from clipita.tree import SEP, SETTINGS
 from clipita.workdir import group_dir, metrics_file, stage_stats
-
-METRICS = ("P@1", "P@5", "P@10", "mAP@5", "mAP@10", "R-prec")
-SPLITS = ("all", "seen", "unseen")
-# Table 1 of the paper (XMarket US), for reference beside our numbers.
-PAPER_TABLE = {
-    "all": {"bm25": (0.01, 0.01, 0.01, 0.01, 0.01, 0.01), "clip": (0.01, 0.02, 0.02, 0.03, 0.04, 0.02),
-            "mpnet": (0.01, 0.06, 0.06, 0.07, 0.09, 0.05), "clip-i": (3.30, 3.80, 3.79, 6.81, 7.25, 3.67),
-            "clip-ia": (2.50, 3.34, 3.29, 5.95, 6.24, 3.27), "clip-ita": (9.90, 13.27, 13.43, 20.30, 20.53, 13.42)},
-    "general": {"bm25": (2.94, 4.71, 4.71, 8.33, 8.28, 4.48), "clip": (11.76, 12.35, 11.76, 16.12, 15.18, 9.47),
-                "mpnet": (14.70, 15.80, 15.01, 18.44, 18.78, 9.35),
-                "clip-i": (17.85, 17.14, 16.78, 19.88, 20.14, 13.02),
-                "clip-ia": (21.42, 21.91, 22.78, 25.59, 26.29, 20.74),
-                "clip-ita": (35.71, 30.95, 30.95, 35.51, 34.28, 25.79)},
-    "specific": {"bm25": (0.02, 0.02, 0.01, 0.01, 0.01, 0.01), "clip": (11.92, 9.81, 9.23, 15.12, 14.95, 8.14),
-                 "mpnet": (33.36, 28.56, 26.93, 37.43, 36.77, 25.29),
-                 "clip-i": (14.06, 12.11, 11.53, 18.24, 17.90, 11.22),
-                 "clip-ia": (35.30, 30.21, 29.32, 39.93, 39.27, 28.86),
-                 "clip-ita": (45.85, 41.04, 40.02, 50.04, 49.87, 39.69)},
-}
-
 
 CHUNK_ENTRIES = 1 << 21  # queries x depth ranked in one call: bounds an actor's result arrays (~16 MB)
 
@@ -219,10 +199,6 @@ def _chunks(depth: np.ndarray, entries: int = 0) -> list[np.ndarray]:
     return out
 
 
-def _clean(v):
-    return None if isinstance(v, float) and math.isnan(v) else (round(v, 4) if isinstance(v, float) else v)
-
-
 def _means(per_query: dict[str, np.ndarray], sel: np.ndarray) -> dict[str, float]:
     return {k: float(np.nanmean(v[sel])) if sel.any() else float("nan") for k, v in per_query.items()}
 
@@ -309,10 +285,10 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
                 sel = np.ones(len(query_ids), bool) if split == "all" else (seen if split == "seen" else ~seen)
                 m, h = _means(per_query["hits"], sel), _means(per_query["hierarchy"], sel)
                 rows.append({"setting": setting, "model": model, "split": split, "queries": int(sel.sum()),
-                             "candidates": n_candidates, **{k_: _clean(m[k_]) for k_ in (
+                             "candidates": n_candidates, **{k_: clean(m[k_]) for k_ in (
                                  *METRICS, "mAP@5_std", "mAP@10_std")},
-                             "retrieval": how, "index_recall@10": _clean(index_recall),
-                             "hierarchy": {k_: _clean(h[k_]) for k_ in (*METRICS, "mAP@5_std", "mAP@10_std")}})
+                             "retrieval": how, "index_recall@10": clean(index_recall),
+                             "hierarchy": {k_: clean(h[k_]) for k_ in (*METRICS, "mAP@5_std", "mAP@10_std")}})
             top = rows[-3]
             log(f"evaluate: {setting:8s} {model:8s} P@10 {top['P@10']:6.2f}  mAP@10 {top['mAP@10']:6.2f}  "
                 f"R-prec {top['R-prec']:6.2f}  ({how}"
@@ -334,79 +310,3 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
                            for s in SETTINGS if any(r["setting"] == s for r in rows)},
         "seconds": round(time.time() - t0, 2)})
     return rows
-
-
-def _fmt(v) -> str:
-    return "–" if v is None else f"{v:.2f}"
-
-
-HM_METRICS = ("R-prec", "P@10")  # reported as seen / unseen / harmonic mean (base-to-new generalisation)
-
-
-def add_base_to_new(rows: list[dict]) -> None:
-    """Each ``all`` row gets ``base_to_new``: {metric: {"seen", "unseen", "hm"}} for HM_METRICS."""
-    by_key = {(r["setting"], r["model"], r["split"]): r for r in rows}
-    for r in rows:
-        if r["split"] == "all":
-            seen, unseen = by_key.get((r["setting"], r["model"], "seen")), by_key.get((r["setting"], r["model"],
-                                                                                         "unseen"))
-            r["base_to_new"] = {m: {"seen": seen and seen[m], "unseen": unseen and unseen[m],
-                                    "hm": _clean(metrics.harmonic_mean(seen and seen[m], unseen and unseen[m]))}
-                                for m in HM_METRICS}
-
-
-def _model(r: dict) -> str:
-    return f"{r['model']} †" if r.get("note") else r["model"]
-
-
-def metrics_markdown(rows: list[dict]) -> str:
-    notes = sorted({f"{r['model']}: {r['note']}" for r in rows if r.get("note")})
-    out = ["# clipita evaluation", "",
-           "Metrics in %. mAP@K is the paper's hits-normalised AP (PAPER.md); `_std` columns divide by min(R, K).",
-           "Paper: Table 1 of CLIP-ITA (ECIR 2022) on XMarket US, for reference: different data, same protocol.", "",
-           *[f"† Not a baseline here: {n}." for n in notes], *([""] if notes else []),
-           "## Seen / unseen categories and their harmonic mean", "",
-           "Base-to-new convention of CLIP fine-tuning research (CoOp, CoCoOp, KgCoOp): *seen* queries are categories "
-           "some training product carries, *unseen* ones none does; HM = 2·seen·unseen / (seen + unseen) rewards a "
-           "model only when it keeps both.", "",
-           "| setting | model | " + " | ".join(f"{m} seen | {m} unseen | {m} HM" for m in HM_METRICS) + " |",
-           "|---|---|" + "---|" * (3 * len(HM_METRICS))]
-    for r in (r for r in rows if r["split"] == "all" and "base_to_new" in r):
-        out.append(f"| {r['setting']} | {_model(r)} | " + " | ".join(
-            " | ".join(_fmt(r["base_to_new"][m][k]) for k in ("seen", "unseen", "hm")) for m in HM_METRICS) + " |")
-    out.append("")
-    for split in SPLITS:
-        out += [f"## Exact-match relevance, {split} queries", "",
-                "| setting | model | queries | " + " | ".join(METRICS) + " | mAP@10_std | paper " +
-                " / ".join(METRICS) + " |", "|---|---|---|" + "---|" * (len(METRICS) + 2)]
-        for r in (r for r in rows if r["split"] == split):
-            paper = PAPER_TABLE[r["setting"]].get(r["model"]) if split == "all" else None
-            out.append(f"| {r['setting']} | {_model(r)} | {r['queries']} | " +
-                       " | ".join(_fmt(r[m]) for m in METRICS) + f" | {_fmt(r['mAP@10_std'])} | " +
-                       (" / ".join(f"{p:.2f}" for p in paper) if paper else "") + " |")
-        out.append("")
-    out += ["## Hierarchy-aware relevance (a product is relevant to every category on its path), all queries", "",
-            "| setting | model | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
-    for r in (r for r in rows if r["split"] == "all"):
-        out.append(f"| {r['setting']} | {_model(r)} | " + " | ".join(_fmt(r["hierarchy"][m]) for m in METRICS) + " |")
-    return "\n".join(out) + "\n"
-
-
-def metrics_png(rows: list[dict]) -> bytes:
-    plt = plots.pyplot()
-    settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 3.8), squeeze=False)
-    models = [m for m in MODELS if any(r["model"] == m for r in rows)]
-    width = 0.8 / max(1, len(models))
-    for ax, setting in zip(axes[0], settings):
-        for j, model in enumerate(models):
-            r = next((r for r in rows if r["setting"] == setting and r["model"] == model and r["split"] == "all"),
-                     None)
-            if r is None:
-                continue
-            ax.bar(np.arange(len(METRICS)) + j * width, [r[m] or 0 for m in METRICS], width, label=_model(r),
-                   color=plt.cm.tab10(MODELS.index(model)))
-        ax.set_xticks(np.arange(len(METRICS)) + 0.4 - width / 2, METRICS)
-        ax.set(title=f"setting: {setting}", ylabel="%")
-    axes[0][0].legend(fontsize=8)
-    return plots.png(fig)

@@ -269,15 +269,6 @@ def finished_parts(workdir: str) -> set[str]:
                                                                                            "products"))}
 
 
-def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """All parquet files of a folder (local or s3) as one table, files in name order (small folders, tests)."""
-    files = [storage.filesystem(f)[1] for f in storage.parquet_files(uri)]
-    if not files:
-        raise FileNotFoundError(f"no parquet files under {uri}")
-    afs, _ = storage.arrow_filesystem(uri)
-    return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=afs) for f in files])
-
-
 def embed_tree(paths: list[tuple[str, ...]], cfg: Config) -> pa.Table:
     """Every node of the tree of ``paths``: name and full-path texts embedded with the sentence encoder (for the
     trained heads and MPNet) and the CLIP text tower (for zero-shot CLIP). Runs as a Ray task beside the stream."""

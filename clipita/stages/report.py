@@ -1,0 +1,113 @@
+"""The evaluation's reports: seen / unseen / harmonic mean per model, metrics.md (the paper's Table 1 layout, its
+numbers beside ours) and metrics.png, from the rows jobs.evaluate computed (DESIGN.md)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from clipita import metrics, plots
+from clipita.models import MODELS
+from clipita.tree import SETTINGS
+
+METRICS = ("P@1", "P@5", "P@10", "mAP@5", "mAP@10", "R-prec")
+SPLITS = ("all", "seen", "unseen")
+
+
+def clean(v):
+    """A metric as the rows hold it: 4 decimals, None for NaN (no query)."""
+    return None if isinstance(v, float) and math.isnan(v) else (round(v, 4) if isinstance(v, float) else v)
+
+
+# Table 1 of the paper (XMarket US), for reference beside our numbers.
+PAPER_TABLE = {
+    "all": {"bm25": (0.01, 0.01, 0.01, 0.01, 0.01, 0.01), "clip": (0.01, 0.02, 0.02, 0.03, 0.04, 0.02),
+            "mpnet": (0.01, 0.06, 0.06, 0.07, 0.09, 0.05), "clip-i": (3.30, 3.80, 3.79, 6.81, 7.25, 3.67),
+            "clip-ia": (2.50, 3.34, 3.29, 5.95, 6.24, 3.27), "clip-ita": (9.90, 13.27, 13.43, 20.30, 20.53, 13.42)},
+    "general": {"bm25": (2.94, 4.71, 4.71, 8.33, 8.28, 4.48), "clip": (11.76, 12.35, 11.76, 16.12, 15.18, 9.47),
+                "mpnet": (14.70, 15.80, 15.01, 18.44, 18.78, 9.35),
+                "clip-i": (17.85, 17.14, 16.78, 19.88, 20.14, 13.02),
+                "clip-ia": (21.42, 21.91, 22.78, 25.59, 26.29, 20.74),
+                "clip-ita": (35.71, 30.95, 30.95, 35.51, 34.28, 25.79)},
+    "specific": {"bm25": (0.02, 0.02, 0.01, 0.01, 0.01, 0.01), "clip": (11.92, 9.81, 9.23, 15.12, 14.95, 8.14),
+                 "mpnet": (33.36, 28.56, 26.93, 37.43, 36.77, 25.29),
+                 "clip-i": (14.06, 12.11, 11.53, 18.24, 17.90, 11.22),
+                 "clip-ia": (35.30, 30.21, 29.32, 39.93, 39.27, 28.86),
+                 "clip-ita": (45.85, 41.04, 40.02, 50.04, 49.87, 39.69)},
+}
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+HM_METRICS = ("R-prec", "P@10")  # reported as seen / unseen / harmonic mean (base-to-new generalisation)
+
+
+def add_base_to_new(rows: list[dict]) -> None:
+    """Each ``all`` row gets ``base_to_new``: {metric: {"seen", "unseen", "hm"}} for HM_METRICS."""
+    by_key = {(r["setting"], r["model"], r["split"]): r for r in rows}
+    for r in rows:
+        if r["split"] == "all":
+            seen, unseen = by_key.get((r["setting"], r["model"], "seen")), by_key.get((r["setting"], r["model"],
+                                                                                         "unseen"))
+            r["base_to_new"] = {m: {"seen": seen and seen[m], "unseen": unseen and unseen[m],
+                                    "hm": clean(metrics.harmonic_mean(seen and seen[m], unseen and unseen[m]))}
+                                for m in HM_METRICS}
+
+
+def _model(r: dict) -> str:
+    return f"{r['model']} †" if r.get("note") else r["model"]
+
+
+def metrics_markdown(rows: list[dict]) -> str:
+    notes = sorted({f"{r['model']}: {r['note']}" for r in rows if r.get("note")})
+    out = ["# clipita evaluation", "",
+           "Metrics in %. mAP@K is the paper's hits-normalised AP (PAPER.md); `_std` columns divide by min(R, K).",
+           "Paper: Table 1 of CLIP-ITA (ECIR 2022) on XMarket US, for reference: different data, same protocol.", "",
+           *[f"† Not a baseline here: {n}." for n in notes], *([""] if notes else []),
+           "## Seen / unseen categories and their harmonic mean", "",
+           "Base-to-new convention of CLIP fine-tuning research (CoOp, CoCoOp, KgCoOp): *seen* queries are categories "
+           "some training product carries, *unseen* ones none does; HM = 2·seen·unseen / (seen + unseen) rewards a "
+           "model only when it keeps both.", "",
+           "| setting | model | " + " | ".join(f"{m} seen | {m} unseen | {m} HM" for m in HM_METRICS) + " |",
+           "|---|---|" + "---|" * (3 * len(HM_METRICS))]
+    for r in (r for r in rows if r["split"] == "all" and "base_to_new" in r):
+        out.append(f"| {r['setting']} | {_model(r)} | " + " | ".join(
+            " | ".join(_fmt(r["base_to_new"][m][k]) for k in ("seen", "unseen", "hm")) for m in HM_METRICS) + " |")
+    out.append("")
+    for split in SPLITS:
+        out += [f"## Exact-match relevance, {split} queries", "",
+                "| setting | model | queries | " + " | ".join(METRICS) + " | mAP@10_std | paper " +
+                " / ".join(METRICS) + " |", "|---|---|---|" + "---|" * (len(METRICS) + 2)]
+        for r in (r for r in rows if r["split"] == split):
+            paper = PAPER_TABLE[r["setting"]].get(r["model"]) if split == "all" else None
+            out.append(f"| {r['setting']} | {_model(r)} | {r['queries']} | " +
+                       " | ".join(_fmt(r[m]) for m in METRICS) + f" | {_fmt(r['mAP@10_std'])} | " +
+                       (" / ".join(f"{p:.2f}" for p in paper) if paper else "") + " |")
+        out.append("")
+    out += ["## Hierarchy-aware relevance (a product is relevant to every category on its path), all queries", "",
+            "| setting | model | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for r in (r for r in rows if r["split"] == "all"):
+        out.append(f"| {r['setting']} | {_model(r)} | " + " | ".join(_fmt(r["hierarchy"][m]) for m in METRICS) + " |")
+    return "\n".join(out) + "\n"
+
+
+def metrics_png(rows: list[dict]) -> bytes:
+    plt = plots.pyplot()
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 3.8), squeeze=False)
+    models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+    width = 0.8 / max(1, len(models))
+    for ax, setting in zip(axes[0], settings):
+        for j, model in enumerate(models):
+            r = next((r for r in rows if r["setting"] == setting and r["model"] == model and r["split"] == "all"),
+                     None)
+            if r is None:
+                continue
+            ax.bar(np.arange(len(METRICS)) + j * width, [r[m] or 0 for m in METRICS], width, label=_model(r),
+                   color=plt.cm.tab10(MODELS.index(model)))
+        ax.set_xticks(np.arange(len(METRICS)) + 0.4 - width / 2, METRICS)
+        ax.set(title=f"setting: {setting}", ylabel="%")
+    axes[0][0].legend(fontsize=8)
+    return plots.png(fig)
