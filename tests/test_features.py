@@ -5,7 +5,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from clipita.features import census, labeler_for, labels_for, load_products, load_tree
+from clipita.census import census
+from clipita.features import labeler_for, labels_for, load_products, load_tree
 from clipita.tree import SETTINGS, CategoryTree, Labeler, assign_labels, category_id
 from clipita.vectors import vectors
 
@@ -59,10 +60,10 @@ def test_products_dataset_reads_every_row_once_in_tasks_of_whole_row_groups(ray_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from clipita import features, storage
+    from clipita import features, storage, streams
 
-    monkeypatch.setattr(features, "READ_TASK_ROWS", 1000)
-    monkeypatch.setattr(features, "READ_BATCH_ROWS", 256)
+    monkeypatch.setattr(streams, "READ_TASK_ROWS", 1000)
+    monkeypatch.setattr(streams, "READ_BATCH_ROWS", 256)
     root = f"{s3_bucket}/work" if remote else str(tmp_path / "work")
     cuts = {"part-0.parquet": (0, 3500, 300), "part-1.parquet": (3500, 6000, 2500), "part-2.parquet": (6000, 6000, 10)}
     for name, (lo, hi, group) in cuts.items():
@@ -73,7 +74,7 @@ def test_products_dataset_reads_every_row_once_in_tasks_of_whole_row_groups(ray_
         fs.create_dir(path.rsplit("/", 1)[0])
         pq.write_table(table, path, filesystem=fs, row_group_size=group)
 
-    source = features.FeatureSource(features.product_files(root), ["product_id", "image_emb"])
+    source = streams.FeatureSource(features.product_files(root), ["product_id", "image_emb"])
     assert [(u[0].rsplit("/", 1)[1], u[2]) for u in source.units] == (
         [("part-0.parquet", 1200)] * 2 + [("part-0.parquet", 1100), ("part-1.parquet", 2500), ("part-2.parquet", 0)])
 
@@ -81,7 +82,7 @@ def test_products_dataset_reads_every_row_once_in_tasks_of_whole_row_groups(ray_
         return {"product_id": np.asarray(table.column("product_id").to_pylist()),
                 "double": vectors(table.column("image_emb"))[:, 0] * factor}
 
-    ds = features.products_dataset(source, transform=functools.partial(twice, factor=2))
+    ds = streams.products_dataset(source, transform=functools.partial(twice, factor=2))
     rows = {r["product_id"]: r["double"] for r in ds.iter_rows()}
     assert len(rows) == 6000
     assert all(rows[f"p{i:05d}"] == 4 * i for i in range(0, 6000, 97))
@@ -92,7 +93,7 @@ def test_products_dataset_registers_the_idle_backoff_once(ray_session, tmp_path)
     import pyarrow.parquet as pq
     import ray.data
 
-    from clipita.features import FeatureSource, products_dataset
+    from clipita.streams import FeatureSource, products_dataset
     from clipita.ray_compat import idle_backoff
 
     path = str(tmp_path / "part-00000.parquet")

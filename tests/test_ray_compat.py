@@ -84,7 +84,7 @@ def test_ray_is_the_release_the_workarounds_were_checked_against():
 
 
 def test_the_idle_backoff_sleeps_only_after_a_scheduling_step_in_which_nothing_moved(monkeypatch):
-    """Ray 2.60's scheduling loop spins while a budget holds the stream back; products_dataset's callback sleeps
+    """Ray 2.60's scheduling loop spins while a budget holds the stream back; clipita.streams.products_dataset's callback sleeps
     after a step that changed nothing, and never after one that moved (a task submitted, an output taken)."""
     from types import SimpleNamespace
 
@@ -129,7 +129,7 @@ def test_the_idle_backoff_pauses_a_real_stream_that_waits_on_its_consumer(ray_se
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from clipita.features import FeatureSource, products_dataset
+    from clipita.streams import FeatureSource, products_dataset
     from clipita.ray_compat import idle_backoff
 
     paths = []

@@ -50,23 +50,18 @@ import json
 import re
 import tarfile
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from PIL import Image
 
 from clipita import storage
 from clipita.catalog import write_converted
+from clipita.sources.convert import Reject, failure, reason_counts, threaded
 
 METADATA = "metadata.json"
 MIN_SIZE, MAX_SIZE = 16, 2048
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # also a safe file name for images/<name>.png
 STYLES = {"filled": "filled", "solid": "filled", "fill": "filled", "outline": "outline"}
-
-
-class Reject(ValueError):
-    """An icon entry that cannot become a catalogue row; the message is the reason."""
 
 
 class Package:
@@ -308,25 +303,24 @@ def convert(package: str, out: str, size: int = 128, workers: int = 4, drop_path
         try:
             storage.write_bytes(storage.join(out, row["image"]), png)
         except Exception as e:  # noqa: BLE001 - one unwritable file is this row's problem, not the job's
-            return f"write failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            return failure(e, "write")
         return None
 
     products: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for n, (item, failure) in enumerate(zip(candidates, pool.map(render, candidates)), start=1):
-            if failure:
-                rejects.append({"product_id": item[0]["product_id"], "reason": failure, "source": item[2]})
-            else:
-                products.append(item[0])
-            if n % 500 == 0:
-                log(f"icons: rendered {n:,} of {len(candidates):,}")
+    for n, (item, reason) in enumerate(zip(candidates, threaded(render, candidates, workers)), start=1):
+        if reason:
+            rejects.append({"product_id": item[0]["product_id"], "reason": reason, "source": item[2]})
+        else:
+            products.append(item[0])
+        if n % 500 == 0:
+            log(f"icons: rendered {n:,} of {len(candidates):,}")
     rejects.sort(key=lambda r: int(r["source"].rsplit("[", 1)[1].rstrip("]")))  # metadata order
 
     write_converted(out, products, rejects)
     tags = [sum(a.startswith("tag: ") for a in p["attributes"]) for p in products]
     return {"package": info["name"], "version": info["version"], "license": info["license"],
             "entries": len(entries), "products": len(products), "rejected": len(rejects),
-            "reasons": dict(Counter(r["reason"].split(":")[0] for r in rejects)),
+            "reasons": reason_counts(rejects),
             "categories": {depth: len({tuple(p["category_path"][:depth]) for p in products}) for depth in (1, 2)},
             "tags_per_icon": round(sum(tags) / len(tags), 2) if tags else 0.0,
             "icons_with_path_tag": sum(p["product_id"] in path_tagged for p in products), "size": size,

@@ -40,23 +40,18 @@ import json
 import os
 import re
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 
 from clipita import storage
 from clipita.catalog import write_converted
+from clipita.sources.convert import Reject, failure, reason_counts, threaded
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 METADATA_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
 SKIPPED_DETAILS = {"asin", "customer reviews", "best sellers rank"}
 _ASIN = re.compile(r"^[A-Za-z0-9_-]+$")  # also a safe file name for images/<asin><ext>
 _INVISIBLE = dict.fromkeys(map(ord, "\u200e\u200f\ufeff"))  # direction marks in scraped productDetails keys
-
-
-class Reject(ValueError):
-    """A line that cannot become a catalogue row; the message is the reason."""
 
 
 def metadata_files(uri: str) -> list[str]:
@@ -243,7 +238,7 @@ def convert(metadata: str, out: str, images: str | None = None, workers: int = 1
 
     write_converted(out, products, rejects)
     return {"files": len(files), "read": read, "products": len(products), "rejected": len(rejects),
-            "reasons": dict(Counter(r["reason"].split(":")[0] for r in rejects)),
+            "reasons": reason_counts(rejects),
             "images_copied": len(copies) - len(failed), "image_urls": sum("://" in p["image"] for p in products),
             "seconds": round(time.time() - t0, 1)}
 
@@ -259,7 +254,6 @@ def _copy_images(copies: list[tuple[int, str, str]], workers: int) -> dict[int, 
             storage.write_bytes(dst, data)
             return row, None
         except Exception as e:  # noqa: BLE001 - one unreadable file is this row's problem, not the job's
-            return row, f"image copy failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            return row, failure(e, "image copy")
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return {row: reason for row, reason in pool.map(copy, copies) if reason}
+    return {row: reason for row, reason in threaded(copy, copies, workers) if reason}

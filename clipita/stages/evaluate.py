@@ -25,7 +25,8 @@ import numpy as np
 
 from clipita import storage
 from clipita.bm25 import BM25Corpus, SparseBM25
-from clipita.features import census, labeler_for, load_categories, load_tree, recorded_encoders
+from clipita.census import census
+from clipita.features import labeler_for, load_categories, load_tree, recorded_encoders
 from clipita.index import IndexIntegrityError, ShardedIndex, read_rows
 from clipita.metrics import per_query_metrics
 from clipita.models import MODELS, REGISTRY, ROWS_GROUP

@@ -15,12 +15,12 @@ import numpy as np
 import pyarrow as pa
 
 from clipita import storage
-from clipita.features import (COLUMNS, FeatureSource, Products, labeler_for, product_files, products_dataset,
-                              read_table, vector_width)
+from clipita.features import COLUMNS, Products, labeler_for, product_files, read_table, vector_width
 from clipita.index import DTYPE_BYTES, GRAPH_BYTES, ROW_COLUMNS, SCOPES, ShardWriter, write_manifests
 from clipita.models import DENSE, REGISTRY, TRAINED_MODELS
 from clipita.rankers import HeadRanker, load_ranker
 from clipita.runtime import Every
+from clipita.streams import FeatureSource, products_dataset
 from clipita.tree import SETTINGS
 from clipita.vectors import vector_column, vectors
 from clipita.workdir import index_dir, stage_stats

@@ -42,12 +42,14 @@ import numpy as np
 import pyarrow as pa
 
 from clipita import metrics, plots, storage
+from clipita.census import census
 from clipita.config import Config, TrainConfig
-from clipita.features import (COLUMNS, FeatureSource, census, labeler_for, load_categories, load_tree, model_rows,
-                              product_files, products_dataset, vector_width)
+from clipita.features import COLUMNS, labeler_for, load_categories, load_tree, product_files, vector_width
 from clipita.metrics import count_relevant, hits_from_ranking, per_query_metrics, rank_scores
 from clipita.runtime import node_cores
-from clipita.tree import SETTINGS
+from clipita.streams import FeatureSource, products_dataset
+from clipita.tree import SETTINGS, Labeler, unit_hash
+from clipita.vectors import vectors
 from clipita.workdir import checkpoints_dir, run_dir, run_name
 
 INPUTS = ("image", "title", "attributes")
@@ -66,6 +68,25 @@ def finished(workdir: str, variant: str, setting: str, epochs: int) -> bool:
             return False
     saved = storage.read_json(best)  # residual heads are done once their α is chosen (after the last epoch)
     return not saved["head"].get("residual") or "alpha" in saved.get("metadata", {})
+
+
+def model_rows(batch: pa.Table, labeler: Labeler, node_index: dict[str, int], split: str,
+               keep_fraction: float = 1.0) -> dict[str, np.ndarray]:
+    """Ray Data stage of jobs.train, run in the read tasks (this module imports torch only where models run, so
+    they start light). One block of feature rows -> the model inputs of its products in ``split``: features
+    (float32, or float16 as stored) and, per setting, the label as a category number (``label_<setting>``).
+    ``keep_fraction`` samples by a seeded hash."""
+    ids, paths = batch.column("product_id").to_pylist(), batch.column("category_path").to_pylist()
+    keep = np.array([labeler.split(p, path) == split and
+                     (keep_fraction >= 1 or unit_hash(labeler.seed, "sample", p) < keep_fraction)
+                     for p, path in zip(ids, paths)], dtype=bool)
+    # float16 features stay float16 through the object store and the shuffle buffer (half the bytes; the worker
+    # converts each batch to float32)
+    out = {name: vectors(batch.column(column), keep_half=True)[keep] for name, column in COLUMNS.items()}
+    for s in SETTINGS:
+        out[f"label_{s}"] = np.array([node_index[labeler.label(p, path, s)] for p, path, k in zip(ids, paths, keep)
+                                      if k], dtype=np.int64)
+    return out
 
 
 def head_config(tc: TrainConfig, variant: str, image_dim: int, text_dim: int):
@@ -437,7 +458,7 @@ def train_runs(workdir: str, runs: list[tuple[str, str]], cfg: Config, log=print
     cache = n_train / workers * row_bytes <= tc.cache_mb * 2**20
     columns = ["product_id", "category_path", *COLUMNS.values()]
     rows_fn = dict(labeler=labeler, node_index=node_index)
-    # labels computed in the read tasks, a batch of features.READ_BATCH_ROWS at a time, whatever the files' size
+    # labels computed in the read tasks, a batch of streams.READ_BATCH_ROWS at a time, whatever the files' size
     source = FeatureSource(product_files(workdir), columns)  # one plan (the files' footers) for both streams
     train_ds = products_dataset(source, cfg.data.stream_mb, functools.partial(model_rows, **rows_fn, split="train"))
     val_ds = products_dataset(source, cfg.data.stream_mb, functools.partial(
