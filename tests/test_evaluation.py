@@ -1,6 +1,7 @@
 """jobs.evaluate: the paper's table for every model, setting and split, through the USearch index."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -139,3 +140,36 @@ def test_hierarchy_hits_by_hand():
     ranked = np.array([[2, 0, 1], [1, -1, -1]])
     hits = hierarchy_hits(ranked, anc, np.array([0, 1]))  # queries: A, A > B
     assert hits.tolist() == [[False, True, True], [False, False, False]]
+
+
+# metrics.json of this module's trained workdir, written by 6577389 (the commit before issue 25's restructuring:
+# flat modules, models compared by name). The same catalogue, encoders, training and index through today's stages
+# must give the same table. Tolerance: 0.5 points, so that a CPU whose float kernels round differently (a trained
+# head's last digits) does not fail it; every row, model and metric is compared, the counts exactly.
+GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures", "metrics_fixture.json")
+
+
+def _numbers(row: dict, prefix: str = ""):
+    for key, value in row.items():
+        if isinstance(value, dict):
+            yield from _numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", value
+
+
+def test_metrics_equal_the_table_before_the_restructuring(rows):
+    golden = json.load(open(GOLDEN, encoding="utf-8"))
+    key = lambda r: (r["setting"], r["model"], r["split"])  # noqa: E731
+    assert sorted(map(key, rows)) == sorted(map(key, golden))
+    by_key = {key(r): r for r in golden}
+    worst = 0.0
+    for r in rows:
+        want = dict(_numbers(by_key[key(r)]))
+        got = dict(_numbers(r))
+        assert set(got) == set(want), key(r)
+        assert (r["queries"], r["candidates"], r["retrieval"]) == (want["queries"], want["candidates"],
+                                                                   by_key[key(r)]["retrieval"]), key(r)
+        for name, value in want.items():
+            assert got[name] == pytest.approx(value, abs=0.5), (key(r), name, got[name], value)
+            worst = max(worst, abs(got[name] - value))
+    print(f"golden metrics: largest difference {worst:.4f} points")
