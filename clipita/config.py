@@ -293,6 +293,45 @@ class EvaluateConfig:
         _check_range("evaluate.recall_queries", self.recall_queries, 0, 10**6)
 
 
+ALIGN_MODES = ("lock", "partial", "full")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """e-CLIP alignment of the image and text towers on the catalogue's image-title pairs (clipita/align.py).
+
+    What trains, per tower: ``lock`` the trunk frozen, only the projection (and the temperature) train: LiT, the
+    CPU default, whose trunk features are computed once and cached; ``partial`` the trunk's last block too;
+    ``full`` everything (e-CLIP, for GPU clusters). ``chunk`` > 0 computes a batch in chunks of that many pairs with
+    the whole batch's exact gradient (GradCache, e-CLIP's multi-stream accumulation); 0: the batch in one pass.
+    """
+
+    text_tower: str = "auto"  # auto: the image model's own text tower when it has CLIP weights (an open_clip tag),
+    #                           else encoders.text_model as open_clip's HF text tower | own | hf
+    embed_dim: int = 256  # the shared space, for an HF text tower (an own tower keeps its model's)
+    image_train: str = "lock"
+    text_train: str = "lock"
+    text: str = "title"  # title | title+attributes
+    groups: str = "mask"  # listings of one catalogue group in a batch: mask (no negatives) | off
+    batch_size: int = 256
+    chunk: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    tau: float = 0.07  # initial temperature (learnable)
+
+    def __post_init__(self) -> None:
+        _check_choice("align.text_tower", self.text_tower, ("auto", "own", "hf"))
+        _check_choice("align.image_train", self.image_train, ALIGN_MODES)
+        _check_choice("align.text_train", self.text_train, ALIGN_MODES)
+        _check_choice("align.text", self.text, ("title", "title+attributes"))
+        _check_choice("align.groups", self.groups, ("mask", "off"))
+        _check_range("align.embed_dim", self.embed_dim, 8, 8192)
+        _check_range("align.batch_size", self.batch_size, 2)
+        _check_range("align.chunk", self.chunk, 0)
+        _check_range("align.lr", self.lr, 0.0)
+        _check_range("align.tau", self.tau, 1e-3, 10.0)
+
+
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -301,6 +340,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:

@@ -1,0 +1,322 @@
+"""e-CLIP alignment (PAPER.md "e-CLIP"): the image and text towers trained contrastively on the catalogue's own
+image-title pairs, so that zero-shot category -> image search has an aligned text tower to stand on.
+
+    model = build_model(cfg.encoders, cfg.align)          # an open_clip CLIP / CustomTextCLIP
+    set_trainable(model, "lock", "partial")                # what trains, per tower (config.ALIGN_MODES)
+    step = GradCacheStep(model, ContrastiveLoss(label_mask=True), chunk=64)
+    loss = step(images, tokens, groups)                    # the whole batch's exact gradient, in chunks
+    save_checkpoint(model, "/work/align/best", ...)        # open_clip.create_model("local-dir:/work/align/best")
+
+The model. With an image model that has CLIP weights (an open_clip tag) its own text tower is aligned already and
+alignment continues from it (``configs/production.yaml``: ViT-B-32 / laion2b, ``full`` on GPUs). With image
+weights only (the offline config's ImageNet EfficientNet-Lite0, ``pkg:``), the text tower is open_clip's HF text
+tower over ``encoders.text_model`` (the shipped MiniLM), both projected linearly into ``align.embed_dim``.
+
+What trains (``lock`` / ``partial`` / ``full`` per tower): the projections and the temperature always; ``partial``
+adds the trunk's last block (a timm trunk: its last stage and head conv; a ViT: its last residual block and final
+norm; a transformers encoder: its last layer); ``full`` everything. BatchNorm layers keep their ImageNet
+statistics in every mode (``train_mode``): a chunked pass must compute what the unchunked one does.
+
+GradCache (Gao et al. 2021; e-CLIP's multi-stream accumulation). A contrastive batch's loss couples every pair, so
+plain gradient accumulation over micro-batches changes the loss. GradCacheStep instead (1) embeds the whole batch
+chunk by chunk without a graph, (2) computes the loss over all embeddings and its gradient with respect to them
+(the embeddings are leaves here), (3) re-embeds each chunk with a graph and back-propagates that chunk's slice of
+the embedding gradient. The chain rule makes the sum over chunks the full batch's parameter gradient exactly (up
+to float summation order); only one chunk's activations are alive at a time. With torch.distributed initialised,
+the loss gathers every rank's embeddings (clipita.loss) and the parameter gradients are averaged over ranks, as
+DDP would: the same gradient as one worker holding the global batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from clipita import pretrained as package_weights
+from clipita.config import ALIGN_MODES, AlignConfig, EncoderConfig
+
+CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_pytorch_model.bin"
+
+
+class AlignError(RuntimeError):
+    """A model that cannot be aligned as configured; the message is one line saying why."""
+
+
+def text_tower(enc: EncoderConfig, cfg: AlignConfig) -> str:
+    """"own" (the image model's CLIP text tower) or "hf" (open_clip's HF tower over encoders.text_model)."""
+    if cfg.text_tower != "auto":
+        return cfg.text_tower
+    has_clip_weights = bool(enc.image_pretrained) and not enc.image_pretrained.startswith("pkg:")
+    return "own" if has_clip_weights else "hf"
+
+
+def model_config(enc: EncoderConfig, cfg: AlignConfig, text_folder: str | None = None) -> dict:
+    """The open_clip architecture config of the aligned model (what ``open_clip_config.json`` records)."""
+    base = open_clip.get_model_config(enc.image_model)
+    if base is None:
+        raise AlignError(f"cannot align {enc.image_model!r}: not an open_clip architecture (encoders.image_model)")
+    if text_tower(enc, cfg) == "own":
+        return base
+    if text_folder is None:
+        from clipita.encoders import _sentence_transformers_layout, _text_model_folder
+
+        text_folder, _ = _sentence_transformers_layout(_text_model_folder(enc.text_model), enc.text_model)
+    vision = dict(base["vision_cfg"])
+    if "timm_model_name" in vision:
+        vision["timm_proj"] = "linear"  # pooled trunk features -> the shared space
+    return {"embed_dim": cfg.embed_dim, "custom_text": True, "vision_cfg": vision,
+            "text_cfg": {"hf_model_name": str(text_folder), "hf_tokenizer_name": str(text_folder),
+                         "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler",
+                         "context_length": enc.text_max_length}}
+
+
+def build_model(enc: EncoderConfig, cfg: AlignConfig, seed: int = 0) -> nn.Module:
+    """The model alignment starts from, with the configured pre-trained weights in both towers."""
+    from clipita.encoders import _open_clip_configs, _quiet_load
+
+    _, tag_cfg = _open_clip_configs(enc)  # checks the name and weights, one-line errors
+    with torch.random.fork_rng(devices=[]), _quiet_load(random_init=True), _quiet_transformers():
+        torch.manual_seed(seed)
+        if text_tower(enc, cfg) == "own":
+            checkpoint = enc.image_pretrained
+            if tag_cfg and not tag_cfg.get("package"):
+                checkpoint = open_clip.download_pretrained(tag_cfg)
+            model = open_clip.create_model(enc.image_model, pretrained=checkpoint or None,
+                                           force_quick_gelu=bool(tag_cfg.get("quick_gelu")))
+        else:
+            mc = model_config(enc, cfg)
+            model = open_clip.CustomTextCLIP(embed_dim=mc["embed_dim"], vision_cfg=mc["vision_cfg"],
+                                             text_cfg=mc["text_cfg"])  # HF weights: from the folder
+            if tag_cfg.get("package"):
+                package_weights.load_into(model, enc.image_pretrained)
+            elif enc.image_pretrained:
+                raise AlignError(f"cannot align {enc.image_model!r}/{enc.image_pretrained!r} with an HF text tower: "
+                                 "use align.text_tower=own for a CLIP checkpoint")
+    with torch.no_grad():
+        model.logit_scale.fill_(float(torch.log(torch.tensor(1.0 / cfg.tau))))
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Without transformers' WARNING load report: open_clip builds the HF encoder without its pooling layer (the
+    tower mean-pools), so the folder's pooler weights are "unexpected" by design on every build."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+# ------------------------------------------------------------------------------------------ what trains
+
+def _projection(tower: nn.Module, model: nn.Module, side: str) -> list[nn.Parameter]:
+    if side == "image":
+        if hasattr(tower, "trunk"):  # open_clip TimmModel: trunk -> head (pool / projection)
+            return list(tower.head.parameters())
+        return [tower.proj] if getattr(tower, "proj", None) is not None else []
+    if hasattr(tower, "transformer") and hasattr(tower, "proj"):  # HFTextEncoder
+        return list(tower.proj.parameters())
+    proj = getattr(model, "text_projection", None) or getattr(tower, "text_projection", None)
+    return [proj] if isinstance(proj, nn.Parameter) else list(proj.parameters()) if proj is not None else []
+
+
+def _last_block(tower: nn.Module, model: nn.Module, side: str) -> list[nn.Module]:
+    if side == "image":
+        trunk = getattr(tower, "trunk", None)
+        if trunk is not None:
+            return [m for m in (trunk.blocks[-1], getattr(trunk, "conv_head", None), getattr(trunk, "bn2", None))
+                    if m is not None]
+        return [tower.transformer.resblocks[-1], tower.ln_post]
+    if hasattr(tower, "transformer") and hasattr(tower.transformer, "encoder"):  # HF encoder
+        return [tower.transformer.encoder.layer[-1]]
+    blocks = (tower if hasattr(tower, "resblocks") else model.transformer).resblocks
+    return [blocks[-1], getattr(model, "ln_final", None) or tower.ln_final]
+
+
+def towers(model: nn.Module) -> dict[str, nn.Module]:
+    """{"image": the vision tower, "text": the text tower (a CustomTextCLIP's, or the CLIP model itself)}."""
+    return {"image": model.visual, "text": getattr(model, "text", model)}
+
+
+def set_trainable(model: nn.Module, image: str, text: str) -> dict[str, int]:
+    """Freeze all, then unfreeze per tower what ``image`` / ``text`` (config.ALIGN_MODES) train, and the
+    temperature. Returns the trainable parameter count per tower."""
+    model.requires_grad_(False)
+    model.logit_scale.requires_grad_(True)
+    counts = {}
+    for side, mode in (("image", image), ("text", text)):
+        if mode not in ALIGN_MODES:
+            raise AlignError(f"align.{side}_train must be one of {', '.join(ALIGN_MODES)}, got {mode!r}")
+        tower = towers(model)[side]
+        if mode == "full":
+            params = [p for n, p in (tower.named_parameters() if side == "image" or tower is not model else
+                                     ((n, p) for n, p in model.named_parameters() if not n.startswith("visual.")))]
+        else:
+            params = _projection(tower, model, side)
+            if mode == "partial":
+                params += [p for m in _last_block(tower, model, side) for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        counts[side] = sum(p.numel() for p in params)
+    return counts
+
+
+def train_mode(model: nn.Module, dropout: bool = False) -> nn.Module:
+    """The mode alignment trains in. BatchNorm always in eval: its running statistics stay the pre-trained ones,
+    so a chunked pass normalises exactly as the whole batch would. Without ``dropout`` (the default: the towers
+    are pre-trained and alignment on a catalogue's pairs is a fine-tune) that is the whole model in eval, since
+    transformers' attention dropout follows its module's ``training`` flag, not an nn.Dropout; with it, GradCache
+    replays each chunk's RNG state, so its second pass draws the first pass's masks."""
+    if not dropout:
+        return model.eval()
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- GradCache
+
+class GradCacheStep:
+    """One optimisation step's gradient over a contrastive batch, computed ``chunk`` pairs at a time (0: the
+    batch in one pass), equal to the whole batch's. ``encode_image`` / ``encode_text`` map a chunk of inputs
+    (tensors, or any sliceable batch) to embeddings; by default the model's own, normalised."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module, chunk: int = 0, encode_image=None, encode_text=None):
+        self.model, self.loss, self.chunk = model, loss, chunk
+        self.encode_image = encode_image or (lambda x: model.encode_image(x, normalize=True))
+        self.encode_text = encode_text or (lambda t: model.encode_text(t, normalize=True))
+
+    def _chunks(self, n: int) -> list[slice]:
+        size = self.chunk or n
+        return [slice(s, min(n, s + size)) for s in range(0, n, size)]
+
+    def __call__(self, images, texts, groups: torch.Tensor | None = None) -> float:
+        """Accumulates the gradient into the parameters' ``.grad`` (zero them first); returns the loss."""
+        n = len(groups) if groups is not None else len(images)
+        chunks = self._chunks(n)
+        if len(chunks) == 1:  # nothing to cache: the plain step
+            loss = self.loss(self.encode_image(images), self.encode_text(texts), self.model.logit_scale, groups)
+            loss.backward()
+        else:
+            states, img, txt = [], [], []
+            with torch.no_grad():
+                for c in chunks:  # each chunk's RNG state, so that dropout draws the same masks when it is re-run
+                    states.append(_rng_state())
+                    img.append(self.encode_image(images[c]))
+                    txt.append(self.encode_text(texts[c]))
+            img = torch.cat(img).requires_grad_(True)
+            txt = torch.cat(txt).requires_grad_(True)
+            loss = self.loss(img, txt, self.model.logit_scale, groups)
+            loss.backward()  # d loss / d embeddings, and the temperature's gradient
+            for c, state in zip(chunks, states):
+                _set_rng_state(state)
+                (self.encode_image(images[c]) * img.grad[c]).sum().backward()
+                (self.encode_text(texts[c]) * txt.grad[c]).sum().backward()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        return float(loss.detach())
+
+
+def _rng_state():
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+
+def _set_rng_state(state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def group_labels(groups: list, titles: list[str]) -> torch.Tensor:
+    """Integer labels for the false-negative mask: the catalogue ``group_id`` where a row has one, else its title
+    (identical titles stand in for one product listed twice)."""
+    keys = [f"g:{g}" if g else f"t:{t.strip().lower()}" for g, t in zip(groups, titles)]
+    where: dict[str, int] = {}
+    return torch.tensor([where.setdefault(k, len(where)) for k in keys], dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(model: nn.Module, directory: str, enc: EncoderConfig, cfg: AlignConfig,
+                    extra: dict | None = None) -> str:
+    """An open_clip ``local-dir:`` checkpoint: ``open_clip_config.json`` (architecture + preprocessing),
+    ``open_clip_pytorch_model.bin`` and, for an HF text tower, its transformers config and tokenizer files beside
+    them (open_clip's ``local-dir:`` reads an HF tokenizer from the folder itself; the architecture points at the
+    folder, so it is self-contained)."""
+    from clipita.encoders import image_preprocess_spec
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    text_folder = None
+    if text_tower(enc, cfg) == "hf":
+        src = Path(model_config(enc, cfg)["text_cfg"]["hf_model_name"])
+        for f in src.iterdir():  # config and tokenizer; the weights are part of the state dict
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".h5", ".onnx", ".msgpack", ".md")):
+                shutil.copy(f, out / f.name)
+        text_folder = str(out.resolve())
+    size, mean, std = image_preprocess_spec(enc)
+    record = {"model_cfg": model_config(enc, cfg, text_folder),
+              "preprocess_cfg": {"mean": list(mean), "std": list(std), "interpolation": "bicubic",
+                                 "resize_mode": "shortest", "size": size},
+              "clipita": {"image_model": enc.image_model, "text_tower": text_tower(enc, cfg), **(extra or {})}}
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, out / WEIGHTS_FILE)
+    (out / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+    return str(out)
+
+
+def load_checkpoint(directory: str) -> nn.Module:
+    """The aligned model of a ``save_checkpoint`` folder, built from its record (the text folder resolved where
+    the checkpoint is now, so a copied folder loads too)."""
+    from clipita.encoders import _quiet_load
+
+    record = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    mc = record["model_cfg"]
+    with _quiet_load(random_init=True), _quiet_transformers():
+        if mc.get("custom_text"):
+            folder = str(Path(directory).resolve())
+            text_cfg = dict(mc["text_cfg"], hf_model_name=folder, hf_tokenizer_name=folder, hf_model_pretrained=False)
+            model = open_clip.CustomTextCLIP(embed_dim=mc["embed_dim"], vision_cfg=mc["vision_cfg"],
+                                             text_cfg=text_cfg)
+        else:
+            model = open_clip.CLIP(**mc)
+    state = torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def tokenizer(directory_or_enc, cfg: AlignConfig | None = None):
+    """The text tokenizer of an aligned checkpoint folder, or of the model build_model(enc, cfg) makes."""
+    if isinstance(directory_or_enc, (str, os.PathLike)):
+        record = json.loads((Path(directory_or_enc) / CONFIG_FILE).read_text())
+        mc = record["model_cfg"]
+        if mc.get("custom_text"):
+            return open_clip.tokenizer.HFTokenizer(str(directory_or_enc),
+                                                   context_length=mc["text_cfg"]["context_length"])
+        return open_clip.get_tokenizer(record["clipita"]["image_model"])
+    enc = directory_or_enc
+    mc = model_config(enc, cfg)
+    if mc.get("custom_text"):
+        return open_clip.tokenizer.HFTokenizer(mc["text_cfg"]["hf_tokenizer_name"],
+                                               context_length=mc["text_cfg"]["context_length"])
+    return open_clip.get_tokenizer(enc.image_model)
