@@ -73,11 +73,7 @@ def test_modes_train_what_they_say(model):
 def test_chunked_gradient_equals_the_whole_batch(cfg, model, image_mode, text_mode):
     """GradCache: 3 chunks of an 8-pair batch (uneven: 3 + 3 + 2) give the unchunked step's loss and gradients,
     BatchNorm included (partial trains the trunk's last stage, its statistics stay the pre-trained ones)."""
-    align.set_trainable(model, image_mode, text_mode)
-    align.train_mode(model)
-    images, titles = _batch()
-    tok = align.tokenizer(cfg.encoders, cfg.align)(titles)
-    labels = align.group_labels(GROUPS, titles)
+    images, tok, labels = _prepared(model, cfg, image_mode, text_mode)
     loss = ContrastiveLoss(label_mask=True)
     out = {}
     for chunk in (0, 3):
@@ -99,6 +95,14 @@ def test_group_labels_mask_duplicate_listings():
     assert align.group_labels(["", ""], ["A shoe ", "a shoe"]).tolist() == [0, 0]  # no group: identical titles
 
 
+def _prepared(model, cfg, image: str, text: str):
+    """The model set to train ``image`` / ``text`` in alignment's mode, and the test batch: images, tokens, labels."""
+    align.set_trainable(model, image, text)
+    align.train_mode(model)
+    images, titles = _batch()
+    return images, align.tokenizer(cfg.encoders, cfg.align)(titles), align.group_labels(GROUPS, titles)
+
+
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -107,11 +111,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     try:
         cfg = load_config(OFFLINE)
         model = align.build_model(cfg.encoders, cfg.align)
-        align.set_trainable(model, "lock", "partial")
-        align.train_mode(model)
-        images, titles = _batch()
-        tok = align.tokenizer(cfg.encoders, cfg.align)(titles)
-        labels = align.group_labels(GROUPS, titles)
+        images, tok, labels = _prepared(model, cfg, "lock", "partial")
         half = slice(rank * 4, (rank + 1) * 4)
         loss = align.GradCacheStep(model, ContrastiveLoss(label_mask=True), chunk=2)(
             images[half], tok[half], labels[half])
@@ -129,13 +129,9 @@ def test_two_workers_of_b_equal_one_of_2b(cfg, model, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
-    align.set_trainable(model, "lock", "partial")
-    align.train_mode(model)
-    images, titles = _batch()
-    tok = align.tokenizer(cfg.encoders, cfg.align)(titles)
+    images, tok, labels = _prepared(model, cfg, "lock", "partial")
     model.zero_grad(set_to_none=True)
-    full = align.GradCacheStep(model, ContrastiveLoss(label_mask=True))(images, tok,
-                                                                        align.group_labels(GROUPS, titles))
+    full = align.GradCacheStep(model, ContrastiveLoss(label_mask=True))(images, tok, labels)
     want = _grads(model)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert (ranks[0]["loss"] + ranks[1]["loss"]) / 2 == pytest.approx(full, rel=1e-5)
@@ -147,11 +143,7 @@ def test_two_workers_of_b_equal_one_of_2b(cfg, model, tmp_path):
 def test_steps_pull_pairs_together(cfg):
     """A few lock-mode steps on 8 pairs: the loss falls and each title's nearest image becomes its own."""
     model = align.build_model(cfg.encoders, cfg.align)
-    align.set_trainable(model, "lock", "lock")
-    align.train_mode(model)
-    images, titles = _batch()
-    tok = align.tokenizer(cfg.encoders, cfg.align)(titles)
-    labels = align.group_labels(GROUPS, titles)
+    images, tok, labels = _prepared(model, cfg, "lock", "lock")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     step = align.GradCacheStep(model, ContrastiveLoss(label_mask=True), chunk=4)
     losses = []
