@@ -41,6 +41,8 @@ import torch.nn as nn
 
 from clipita import pretrained as package_weights
 from clipita.config import ALIGN_MODES, AlignConfig, EncoderConfig
+from clipita.encoders import (_open_clip_configs, _quiet_load, _sentence_transformers_layout, _text_model_folder,
+                              create_image_model, image_preprocess_spec)
 
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_pytorch_model.bin"
 
@@ -57,17 +59,14 @@ def text_tower(enc: EncoderConfig, cfg: AlignConfig) -> str:
     return "own" if has_clip_weights else "hf"
 
 
-def model_config(enc: EncoderConfig, cfg: AlignConfig, text_folder: str | None = None) -> dict:
+def model_config(enc: EncoderConfig, cfg: AlignConfig) -> dict:
     """The open_clip architecture config of the aligned model (what ``open_clip_config.json`` records)."""
     base = open_clip.get_model_config(enc.image_model)
     if base is None:
         raise AlignError(f"cannot align {enc.image_model!r}: not an open_clip architecture (encoders.image_model)")
     if text_tower(enc, cfg) == "own":
         return base
-    if text_folder is None:
-        from clipita.encoders import _sentence_transformers_layout, _text_model_folder
-
-        text_folder, _ = _sentence_transformers_layout(_text_model_folder(enc.text_model), enc.text_model)
+    text_folder, _ = _sentence_transformers_layout(_text_model_folder(enc.text_model), enc.text_model)
     vision = dict(base["vision_cfg"])
     if "timm_model_name" in vision:
         vision["timm_proj"] = "linear"  # pooled trunk features -> the shared space
@@ -79,17 +78,11 @@ def model_config(enc: EncoderConfig, cfg: AlignConfig, text_folder: str | None =
 
 def build_model(enc: EncoderConfig, cfg: AlignConfig, seed: int = 0) -> nn.Module:
     """The model alignment starts from, with the configured pre-trained weights in both towers."""
-    from clipita.encoders import _open_clip_configs, _quiet_load
-
     _, tag_cfg = _open_clip_configs(enc)  # checks the name and weights, one-line errors
     with torch.random.fork_rng(devices=[]), _quiet_load(random_init=True), _quiet_transformers():
         torch.manual_seed(seed)
         if text_tower(enc, cfg) == "own":
-            checkpoint = enc.image_pretrained
-            if tag_cfg and not tag_cfg.get("package"):
-                checkpoint = open_clip.download_pretrained(tag_cfg)
-            model = open_clip.create_model(enc.image_model, pretrained=checkpoint or None,
-                                           force_quick_gelu=bool(tag_cfg.get("quick_gelu")))
+            model = create_image_model(enc, tag_cfg)
         else:
             mc = model_config(enc, cfg)
             model = open_clip.CustomTextCLIP(embed_dim=mc["embed_dim"], vision_cfg=mc["vision_cfg"],
@@ -120,55 +113,45 @@ def _quiet_transformers():
 
 # ------------------------------------------------------------------------------------------ what trains
 
-def _projection(tower: nn.Module, model: nn.Module, side: str) -> list[nn.Parameter]:
+def _trained_prefixes(model: nn.Module, side: str, mode: str) -> tuple[str, ...]:
+    """Name prefixes of the parameters ``mode`` trains on one side (its projection; partial: and the last block;
+    full: every parameter of the side)."""
+    if mode == "full":
+        return ("",)
     if side == "image":
-        if hasattr(tower, "trunk"):  # open_clip TimmModel: trunk -> head (pool / projection)
-            return list(tower.head.parameters())
-        return [tower.proj] if getattr(tower, "proj", None) is not None else []
-    if hasattr(tower, "transformer") and hasattr(tower, "proj"):  # HFTextEncoder
-        return list(tower.proj.parameters())
-    proj = getattr(model, "text_projection", None) or getattr(tower, "text_projection", None)
-    return [proj] if isinstance(proj, nn.Parameter) else list(proj.parameters()) if proj is not None else []
-
-
-def _last_block(tower: nn.Module, model: nn.Module, side: str) -> list[nn.Module]:
-    if side == "image":
-        trunk = getattr(tower, "trunk", None)
-        if trunk is not None:
-            return [m for m in (trunk.blocks[-1], getattr(trunk, "conv_head", None), getattr(trunk, "bn2", None))
-                    if m is not None]
-        return [tower.transformer.resblocks[-1], tower.ln_post]
-    if hasattr(tower, "transformer") and hasattr(tower.transformer, "encoder"):  # HF encoder
-        return [tower.transformer.encoder.layer[-1]]
-    blocks = (tower if hasattr(tower, "resblocks") else model.transformer).resblocks
-    return [blocks[-1], getattr(model, "ln_final", None) or tower.ln_final]
-
-
-def towers(model: nn.Module) -> dict[str, nn.Module]:
-    """{"image": the vision tower, "text": the text tower (a CustomTextCLIP's, or the CLIP model itself)}."""
-    return {"image": model.visual, "text": getattr(model, "text", model)}
+        v = model.visual
+        if hasattr(v, "trunk"):  # open_clip TimmModel: trunk -> head (pool, projection)
+            proj, last = ("visual.head.",), (f"visual.trunk.blocks.{len(v.trunk.blocks) - 1}.", "visual.trunk.conv_head.",
+                                              "visual.trunk.bn2.")
+        else:  # open_clip VisionTransformer
+            proj, last = ("visual.proj",), (f"visual.transformer.resblocks.{len(v.transformer.resblocks) - 1}.",
+                                             "visual.ln_post.")
+    elif hasattr(getattr(getattr(model, "text", None), "transformer", None), "encoder"):  # HFTextEncoder
+        layers = model.text.transformer.encoder.layer
+        proj, last = ("text.proj.",), (f"text.transformer.encoder.layer.{len(layers) - 1}.",)
+    elif hasattr(model, "text_projection"):  # CLIP: the text tower's parameters sit on the model itself
+        proj, last = ("text_projection",), (f"transformer.resblocks.{len(model.transformer.resblocks) - 1}.",
+                                            "ln_final.")
+    else:
+        raise AlignError(f"cannot tell the text tower's projection in {type(model).__name__}")
+    return proj if mode == "lock" else proj + last
 
 
 def set_trainable(model: nn.Module, image: str, text: str) -> dict[str, int]:
     """Freeze all, then unfreeze per tower what ``image`` / ``text`` (config.ALIGN_MODES) train, and the
     temperature. Returns the trainable parameter count per tower."""
-    model.requires_grad_(False)
-    model.logit_scale.requires_grad_(True)
     counts = {}
     for side, mode in (("image", image), ("text", text)):
         if mode not in ALIGN_MODES:
             raise AlignError(f"align.{side}_train must be one of {', '.join(ALIGN_MODES)}, got {mode!r}")
-        tower = towers(model)[side]
-        if mode == "full":
-            params = [p for n, p in (tower.named_parameters() if side == "image" or tower is not model else
-                                     ((n, p) for n, p in model.named_parameters() if not n.startswith("visual.")))]
-        else:
-            params = _projection(tower, model, side)
-            if mode == "partial":
-                params += [p for m in _last_block(tower, model, side) for p in m.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-        counts[side] = sum(p.numel() for p in params)
+        prefixes = _trained_prefixes(model, side, mode)
+        counts[side] = 0
+        for name, p in model.named_parameters():
+            if name.startswith("logit_") or name.startswith("visual.") != (side == "image"):
+                continue
+            p.requires_grad_(name.startswith(prefixes))
+            counts[side] += p.numel() if p.requires_grad else 0
+    model.logit_scale.requires_grad_(True)
     return counts
 
 
@@ -262,19 +245,16 @@ def save_checkpoint(model: nn.Module, directory: str, enc: EncoderConfig, cfg: A
     ``open_clip_pytorch_model.bin`` and, for an HF text tower, its transformers config and tokenizer files beside
     them (open_clip's ``local-dir:`` reads an HF tokenizer from the folder itself; the architecture points at the
     folder, so it is self-contained)."""
-    from clipita.encoders import image_preprocess_spec
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    text_folder = None
-    if text_tower(enc, cfg) == "hf":
-        src = Path(model_config(enc, cfg)["text_cfg"]["hf_model_name"])
-        for f in src.iterdir():  # config and tokenizer; the weights are part of the state dict
+    mc = model_config(enc, cfg)
+    if mc.get("custom_text"):
+        for f in Path(mc["text_cfg"]["hf_model_name"]).iterdir():  # config, tokenizer; the weights: the state dict
             if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".h5", ".onnx", ".msgpack", ".md")):
                 shutil.copy(f, out / f.name)
-        text_folder = str(out.resolve())
+        mc["text_cfg"].update(hf_model_name=str(out.resolve()), hf_tokenizer_name=str(out.resolve()))
     size, mean, std = image_preprocess_spec(enc)
-    record = {"model_cfg": model_config(enc, cfg, text_folder),
+    record = {"model_cfg": mc,
               "preprocess_cfg": {"mean": list(mean), "std": list(std), "interpolation": "bicubic",
                                  "resize_mode": "shortest", "size": size},
               "clipita": {"image_model": enc.image_model, "text_tower": text_tower(enc, cfg), **(extra or {})}}
@@ -286,35 +266,23 @@ def save_checkpoint(model: nn.Module, directory: str, enc: EncoderConfig, cfg: A
 
 
 def load_checkpoint(directory: str) -> nn.Module:
-    """The aligned model of a ``save_checkpoint`` folder, built from its record (the text folder resolved where
-    the checkpoint is now, so a copied folder loads too)."""
-    from clipita.encoders import _quiet_load
-
-    record = json.loads((Path(directory) / CONFIG_FILE).read_text())
-    mc = record["model_cfg"]
+    """The aligned model of a ``save_checkpoint`` folder. An HF text tower is built from the folder where it is now
+    (the record names the folder it was written to), so a copied folder loads too; its tokenizer is open_clip's
+    ``get_tokenizer(f"local-dir:{directory}")``."""
+    mc = json.loads((Path(directory) / CONFIG_FILE).read_text())["model_cfg"]
     with _quiet_load(random_init=True), _quiet_transformers():
-        if mc.get("custom_text"):
-            folder = str(Path(directory).resolve())
-            text_cfg = dict(mc["text_cfg"], hf_model_name=folder, hf_tokenizer_name=folder, hf_model_pretrained=False)
-            model = open_clip.CustomTextCLIP(embed_dim=mc["embed_dim"], vision_cfg=mc["vision_cfg"],
-                                             text_cfg=text_cfg)
-        else:
-            model = open_clip.CLIP(**mc)
+        if not mc.get("custom_text"):
+            return open_clip.create_model(f"local-dir:{directory}").eval()
+        folder = str(Path(directory).resolve())
+        text_cfg = dict(mc["text_cfg"], hf_model_name=folder, hf_tokenizer_name=folder, hf_model_pretrained=False)
+        model = open_clip.CustomTextCLIP(embed_dim=mc["embed_dim"], vision_cfg=mc["vision_cfg"], text_cfg=text_cfg)
     state = torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
-def tokenizer(directory_or_enc, cfg: AlignConfig | None = None):
-    """The text tokenizer of an aligned checkpoint folder, or of the model build_model(enc, cfg) makes."""
-    if isinstance(directory_or_enc, (str, os.PathLike)):
-        record = json.loads((Path(directory_or_enc) / CONFIG_FILE).read_text())
-        mc = record["model_cfg"]
-        if mc.get("custom_text"):
-            return open_clip.tokenizer.HFTokenizer(str(directory_or_enc),
-                                                   context_length=mc["text_cfg"]["context_length"])
-        return open_clip.get_tokenizer(record["clipita"]["image_model"])
-    enc = directory_or_enc
+def tokenizer(enc: EncoderConfig, cfg: AlignConfig):
+    """The text tokenizer of the model build_model(enc, cfg) makes."""
     mc = model_config(enc, cfg)
     if mc.get("custom_text"):
         return open_clip.tokenizer.HFTokenizer(mc["text_cfg"]["hf_tokenizer_name"],

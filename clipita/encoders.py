@@ -145,6 +145,34 @@ def _quiet_load(random_init: bool):
             hf_logging.enable_progress_bar()
 
 
+def create_image_model(cfg: EncoderConfig, tag_cfg: dict) -> torch.nn.Module:
+    """The configured open_clip model with its weights (a tag's, a file's, a package's image trunk, or the seeded
+    random init); ``tag_cfg`` as ``_open_clip_configs`` returns it. Errors are one-line EncoderLoadErrors."""
+    package = tag_cfg.get("package")
+    checkpoint = "" if package else cfg.image_pretrained
+    if tag_cfg and not package:
+        try:  # fetched here rather than by create_model, which logs a page-long error before raising
+            checkpoint = open_clip.download_pretrained(tag_cfg)
+        except Exception:  # noqa: BLE001 - hub, network and cache failures all mean: no local copy
+            raise EncoderLoadError(
+                f"cannot load image weights {cfg.image_model!r}/{cfg.image_pretrained!r} (no network?): download "
+                "them where there is network and set encoders.image_pretrained to the checkpoint file") from None
+    try:
+        # seeded init without touching the caller's RNG
+        with torch.random.fork_rng(devices=[]), _quiet_load(random_init=not checkpoint):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            # A tag trained with QuickGELU needs it in the architecture too (open_clip only warns).
+            model = open_clip.create_model(cfg.image_model, pretrained=checkpoint or None,
+                                           force_quick_gelu=bool(tag_cfg.get("quick_gelu")),
+                                           force_image_size=cfg.image_size or None)
+            if package:  # the image trunk from the package's file; the rest stays the seeded init
+                package_weights.load_into(model, cfg.image_pretrained)
+    except Exception as e:  # noqa: BLE001 - unreadable or mismatched checkpoint files end here
+        raise EncoderLoadError(f"cannot load image weights {cfg.image_pretrained!r} into {cfg.image_model!r}: "
+                               f"{str(e).splitlines()[0][:200]}") from None
+    return model
+
+
 class ImageEncoder:
     """Frozen open_clip model: images (uint8 from ``load_image``) and, for zero-shot CLIP, texts."""
 
@@ -154,29 +182,8 @@ class ImageEncoder:
         self.dim: int = int(model_cfg["embed_dim"])
         self.device = _device(cfg, f"image model {cfg.image_model!r}")
         self.cfg = cfg
-        package = tag_cfg.get("package")
-        checkpoint = "" if package else cfg.image_pretrained
-        if tag_cfg and not package:
-            try:  # fetched here rather than by create_model, which logs a page-long error before raising
-                checkpoint = open_clip.download_pretrained(tag_cfg)
-            except Exception:  # noqa: BLE001 - hub, network and cache failures all mean: no local copy
-                raise EncoderLoadError(
-                    f"cannot load image weights {cfg.image_model!r}/{cfg.image_pretrained!r} (no network?): download "
-                    "them where there is network and set encoders.image_pretrained to the checkpoint file") from None
-        try:
-            # seeded init without touching the caller's RNG
-            with torch.random.fork_rng(devices=[]), _quiet_load(random_init=not checkpoint):
-                torch.manual_seed(RANDOM_INIT_SEED)
-                # A tag trained with QuickGELU needs it in the architecture too (open_clip only warns).
-                model = open_clip.create_model(cfg.image_model, pretrained=checkpoint or None,
-                                               force_quick_gelu=bool(tag_cfg.get("quick_gelu")),
-                                               force_image_size=cfg.image_size or None)
-                if package:  # the image trunk from the package's file; the rest stays the seeded init
-                    package_weights.load_into(model, cfg.image_pretrained)
-            self.tokenizer = open_clip.get_tokenizer(cfg.image_model)
-        except Exception as e:  # noqa: BLE001 - unreadable or mismatched checkpoint files end here
-            raise EncoderLoadError(f"cannot load image weights {cfg.image_pretrained!r} into {cfg.image_model!r}: "
-                                   f"{str(e).splitlines()[0][:200]}") from None
+        model = create_image_model(cfg, tag_cfg)
+        self.tokenizer = open_clip.get_tokenizer(cfg.image_model)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)

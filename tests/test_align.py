@@ -176,5 +176,28 @@ def test_checkpoint_loads_in_open_clip_and_from_a_copied_folder(cfg, model, tmp_
     shutil.rmtree(folder)
     again = align.load_checkpoint(str(moved))
     with torch.no_grad():
-        torch.testing.assert_close(again.encode_text(align.tokenizer(str(moved))(titles), normalize=True), want_t,
+        torch.testing.assert_close(again.encode_text(open_clip.get_tokenizer(f"local-dir:{moved}")(titles), normalize=True), want_t,
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_own_text_tower_of_a_clip_model(tmp_path):
+    """A CLIP model (here clipita-tiny, random init) keeps its own text tower: lock trains the two projections,
+    partial adds each tower's last block, and the checkpoint round-trips through open_clip's local-dir."""
+    from clipita.config import AlignConfig, EncoderConfig
+
+    enc, acfg = EncoderConfig(image_model="clipita-tiny", image_pretrained=""), AlignConfig(text_tower="own")
+    model = align.build_model(enc, acfg)
+    assert type(model) is open_clip.CLIP
+    lock = align.set_trainable(model, "lock", "lock")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"logit_scale", "visual.proj",
+                                                                           "text_projection"}
+    assert lock == {"image": model.visual.proj.numel(), "text": model.text_projection.numel()}
+    partial = align.set_trainable(model, "partial", "partial")
+    assert all(lock[s] < partial[s] for s in lock)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "ln_final.weight" in names and "visual.ln_post.weight" in names
+    model.eval()
+    tok = align.tokenizer(enc, acfg)(TITLES[:2])
+    folder = align.save_checkpoint(model, str(tmp_path / "own"), enc, acfg)
+    with torch.no_grad():
+        torch.testing.assert_close(align.load_checkpoint(folder).encode_text(tok), model.encode_text(tok))

@@ -158,7 +158,8 @@ def _numbers(row: dict, prefix: str = ""):
 
 
 def test_metrics_equal_the_table_before_the_restructuring(rows):
-    golden = json.load(open(GOLDEN, encoding="utf-8"))
+    with open(GOLDEN, encoding="utf-8") as f:
+        golden = json.load(f)
     key = lambda r: (r["setting"], r["model"], r["split"])  # noqa: E731
     assert sorted(map(key, rows)) == sorted(map(key, golden))
     by_key = {key(r): r for r in golden}
