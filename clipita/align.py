@@ -29,6 +29,7 @@ DDP would: the same gradient as one worker holding the global batch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -38,13 +39,13 @@ import open_clip
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from clipita import pretrained as package_weights
 from clipita.config import ALIGN_MODES, AlignConfig, EncoderConfig
-from clipita.encoders import (_open_clip_configs, _quiet_load, _sentence_transformers_layout, _text_model_folder,
-                              create_image_model, image_preprocess_spec)
-
-CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_pytorch_model.bin"
+from clipita.encoders import (CONFIG_FILE, WEIGHTS_FILE, _open_clip_configs, _quiet_load,
+                              _sentence_transformers_layout, _text_model_folder, create_image_model,
+                              image_preprocess_spec)
 
 
 class AlignError(RuntimeError):
@@ -229,12 +230,50 @@ def _set_rng_state(state) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
+def group_key(group: str | None, title: str) -> int:
+    """A product's key for the false-negative mask: its catalogue ``group_id`` where it has one, else its title
+    (identical titles stand in for one product listed twice). A stable 63-bit hash, so the keys of rows on
+    different workers (a gathered batch) and in different parts compare as the products do."""
+    key = f"g:{group}" if group else f"t:{title.strip().lower()}"
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
 def group_labels(groups: list, titles: list[str]) -> torch.Tensor:
-    """Integer labels for the false-negative mask: the catalogue ``group_id`` where a row has one, else its title
-    (identical titles stand in for one product listed twice)."""
-    keys = [f"g:{g}" if g else f"t:{t.strip().lower()}" for g, t in zip(groups, titles)]
-    where: dict[str, int] = {}
-    return torch.tensor([where.setdefault(k, len(where)) for k in keys], dtype=torch.long)
+    """``group_key`` of each row, as the labels ContrastiveLoss(label_mask=True) masks."""
+    return torch.tensor([group_key(g, t) for g, t in zip(groups, titles)], dtype=torch.long)
+
+
+# ------------------------------------------------------------------------- locked trunks, computed once
+
+def cacheable(model: nn.Module, side: str, mode: str) -> bool:
+    """Whether ``side`` trains only its projection on top of a trunk whose output can be computed once per run
+    and cached (a timm image trunk; an HF text tower's pooled output)."""
+    if mode != "lock":
+        return False
+    return hasattr(model.visual, "trunk") if side == "image" else hasattr(getattr(model, "text", None), "pooler")
+
+
+@torch.no_grad()
+def trunk_features(model: nn.Module, side: str, x: torch.Tensor) -> torch.Tensor:
+    """The locked trunk's output: normalised images -> pooled trunk features; token ids -> the mean-pooled
+    encoder output. ``head(model, side, trunk_features(...))`` is the model's normalised embedding."""
+    if side == "image":
+        return model.visual.trunk(x)
+    t = model.text
+    mask = (x != t.config.pad_token_id).long()
+    return t.pooler(t.transformer(input_ids=x, attention_mask=mask), mask)
+
+
+def trim_padding(tokens: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """Token ids without the columns that are padding in every row: a masked encoder's outputs (and the mean
+    pool over them) are the same, at the cost of the longest text, not of the context length."""
+    used = (tokens != pad).any(dim=0).nonzero()
+    return tokens[:, :int(used.max()) + 1] if len(used) else tokens[:, :1]
+
+
+def head(model: nn.Module, side: str, features: torch.Tensor) -> torch.Tensor:
+    out = model.visual.head(features) if side == "image" else model.text.proj(features)
+    return F.normalize(out, dim=-1)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

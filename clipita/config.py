@@ -306,6 +306,7 @@ class AlignConfig:
     the whole batch's exact gradient (GradCache, e-CLIP's multi-stream accumulation); 0: the batch in one pass.
     """
 
+    enabled: bool = True  # jobs.pipeline runs align before embed; false: the paper's frozen towers
     text_tower: str = "auto"  # auto: the image model's own text tower when it has CLIP weights (an open_clip tag),
     #                           else encoders.text_model as open_clip's HF text tower | own | hf
     embed_dim: int = 256  # the shared space, for an HF text tower (an own tower keeps its model's)
@@ -318,6 +319,12 @@ class AlignConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     tau: float = 0.07  # initial temperature (learnable)
+    epochs: int = 10  # lock/lock peaks by epoch 3-7 on the demo's val pairs (benchmarks/align_ablation.py); best/ is the best epoch
+    workers: int = 1  # Ray Train workers (the global batch is batch_size, split over them)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # worker-group restarts from align/last before the job fails
+    eval_rows: int = 2000  # test products in the alignment metrics' retrieval pool (a seeded sample beyond it)
 
     def __post_init__(self) -> None:
         _check_choice("align.text_tower", self.text_tower, ("auto", "own", "hf"))
@@ -330,6 +337,9 @@ class AlignConfig:
         _check_range("align.chunk", self.chunk, 0)
         _check_range("align.lr", self.lr, 0.0)
         _check_range("align.tau", self.tau, 1e-3, 10.0)
+        _check_range("align.epochs", self.epochs, 1)
+        _check_range("align.workers", self.workers, 1)
+        _check_range("align.eval_rows", self.eval_rows, 10)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ only uint8 travels between the two. Every ``encode`` returns float32 L2-normalis
 Where models come from (``EncoderConfig``): ``image_model`` is an open_clip architecture (clipita registers its
 own from ``clipita/model_configs/``), ``image_pretrained`` an open_clip tag, a local checkpoint file,
 ``pkg:MODULE`` (image-tower weights shipped inside a Python package, ``clipita.pretrained``: the offline
-config's ImageNet EfficientNet-Lite0), or "" for a seeded random init; ``text_model`` a hub name, a local folder, or ``pkg:MODULE`` (``MODULE.get_model_path()``,
+config's ImageNet EfficientNet-Lite0), an aligned checkpoint folder of jobs.align (``<workdir>/align/best``, local
+or s3://: both towers from it), or "" for a seeded random init; ``text_model`` a hub name, a local folder, or ``pkg:MODULE`` (``MODULE.get_model_path()``,
 a model shipped inside a Python package). A model that cannot be loaded raises ``EncoderLoadError``: one line
 naming it and saying how to point at a local copy.
 """
@@ -25,6 +26,8 @@ import io
 import json
 import logging
 import os
+import shutil
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +41,34 @@ from clipita.images import ImageError, load_image  # noqa: F401 - re-exported: t
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 RANDOM_INIT_SEED = 0  # image_pretrained "": every load builds the same weights
+CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_pytorch_model.bin"  # an aligned checkpoint folder
+ALIGNED_CACHE = Path(os.environ.get("CLIPITA_CACHE", Path.home() / ".cache" / "clipita")) / "aligned"
+
+
+def aligned_folder(pretrained: str) -> str | None:
+    """The local folder of an aligned checkpoint (jobs.align's ``save_checkpoint``) that ``pretrained`` names, an
+    object-store one copied into ALIGNED_CACHE first (keyed by its URI and weights' size); None when it is none."""
+    from clipita import storage
+
+    if not pretrained or pretrained.startswith("pkg:"):
+        return None
+    if not storage.is_remote(pretrained):
+        return pretrained if os.path.isfile(os.path.join(pretrained, CONFIG_FILE)) else None
+    if not storage.exists(storage.join(pretrained, CONFIG_FILE)):
+        return None
+    fs, path = storage.filesystem(pretrained)
+    files = {f.rsplit("/", 1)[-1]: f for f in fs.ls(path, detail=False)}
+    size = fs.size(files[WEIGHTS_FILE]) if WEIGHTS_FILE in files else 0
+    local = ALIGNED_CACHE / f"{zlib.crc32(f'{pretrained} {size}'.encode()):08x}"
+    if not (local / CONFIG_FILE).exists():
+        tmp = local.with_suffix(f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, f in files.items():
+            (tmp / name).write_bytes(fs.cat_file(f))
+        if not local.exists():  # another process may have copied it meanwhile
+            os.replace(tmp, local)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(local)
 
 
 class EncoderLoadError(RuntimeError):
@@ -76,6 +107,14 @@ def _open_clip_configs(cfg: EncoderConfig) -> tuple[dict, dict]:
         raise EncoderLoadError(f"cannot load image model {name!r}: not an open_clip architecture "
                                "(encoders.image_model; see open_clip.list_models())")
     pretrained = cfg.image_pretrained
+    folder = aligned_folder(pretrained)
+    if folder:  # both towers from jobs.align's checkpoint, with the preprocessing it was trained with
+        record = json.loads(Path(folder, CONFIG_FILE).read_text())
+        trained = record.get("clipita", {}).get("image_model", name)
+        if trained != name:
+            raise EncoderLoadError(f"cannot load {pretrained!r} as {name!r}: it holds aligned {trained!r} towers "
+                                   f"(set encoders.image_model={trained})")
+        return record["model_cfg"], dict(record["preprocess_cfg"], aligned=folder)
     if pretrained.startswith("pkg:"):  # weights of the image tower only, with their own normalisation
         try:
             entry = package_weights.package_weights(pretrained)
@@ -148,6 +187,10 @@ def _quiet_load(random_init: bool):
 def create_image_model(cfg: EncoderConfig, tag_cfg: dict) -> torch.nn.Module:
     """The configured open_clip model with its weights (a tag's, a file's, a package's image trunk, or the seeded
     random init); ``tag_cfg`` as ``_open_clip_configs`` returns it. Errors are one-line EncoderLoadErrors."""
+    if tag_cfg.get("aligned"):
+        from clipita.align import load_checkpoint  # clipita.align builds on this module
+
+        return load_checkpoint(tag_cfg["aligned"])
     package = tag_cfg.get("package")
     checkpoint = "" if package else cfg.image_pretrained
     if tag_cfg and not package:
@@ -183,7 +226,10 @@ class ImageEncoder:
         self.device = _device(cfg, f"image model {cfg.image_model!r}")
         self.cfg = cfg
         model = create_image_model(cfg, tag_cfg)
-        self.tokenizer = open_clip.get_tokenizer(cfg.image_model)
+        text_cfg = model_cfg.get("text_cfg", {})
+        self.tokenizer = (open_clip.tokenizer.HFTokenizer(tag_cfg["aligned"], context_length=text_cfg["context_length"])
+                          if tag_cfg.get("aligned") and model_cfg.get("custom_text") else
+                          open_clip.get_tokenizer(cfg.image_model))
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)

@@ -21,7 +21,7 @@ from clipita import storage
 from clipita.config import DataConfig, EncoderConfig, section_from_dict
 from clipita.tree import CategoryTree, Labeler, Labels, assign_labels
 from clipita.vectors import vectors
-from clipita.workdir import categories_file, encoders_record, product_features_dir
+from clipita.workdir import categories_file, encoders_record, product_features_dir, split_record
 
 COLUMNS = {"image": "image_emb", "title": "title_emb", "attributes": "attr_emb"}  # model input -> its column
 
@@ -121,8 +121,27 @@ def load_tree(workdir: str) -> CategoryTree:
     return CategoryTree.from_table(pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=columns))
 
 
+def split_params(data: DataConfig) -> dict:
+    """What decides the split (DataConfig), as split.json records it."""
+    return {"seed": data.seed, "val_fraction": data.val_fraction, "test_fraction": data.test_fraction,
+            "unseen_fraction": data.unseen_fraction, "unseen_val_fraction": data.val_holdout_fraction}
+
+
+def write_split(workdir: str, labeler: Labeler, data: DataConfig) -> None:
+    """Record the held-out categories (jobs.align, which runs first, decides them from the catalogue scan), so
+    that every later stage holds out the same ones whatever quarantine later removes."""
+    storage.write_json(split_record(workdir), {"data": split_params(data), "held": sorted(labeler.held),
+                                               "held_val": sorted(labeler.held_val)})
+
+
 def labeler_for(workdir: str, data: DataConfig, tree: CategoryTree | None = None) -> Labeler:
-    """The workdir's split and labels as a function of (id, path): the held-out categories come from the tree."""
+    """The workdir's split and labels as a function of (id, path): the held-out categories of split.json where
+    jobs.align recorded them for this data config, else from the features' tree."""
+    if storage.exists(split_record(workdir)):
+        saved = storage.read_json(split_record(workdir))
+        if saved["data"] == split_params(data):
+            return Labeler(data.seed, data.val_fraction, data.test_fraction, frozenset(saved["held"]),
+                           frozenset(saved["held_val"]))
     return Labeler.build(tree or load_tree(workdir), data.seed, data.val_fraction, data.test_fraction,
                          data.unseen_fraction, unseen_val_fraction=data.val_holdout_fraction)
 

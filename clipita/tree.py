@@ -233,16 +233,27 @@ class CategoryTree:
     def __init__(self, paths: Iterable[Sequence[str]]):
         self.nodes: dict[str, Node] = {}
         for path in paths:
-            parent = None
-            for depth in range(1, len(path) + 1):
-                cid = category_id(path[:depth])
-                node = self.nodes.get(cid)
-                if node is None:
-                    node = self.nodes[cid] = Node(cid, path[depth - 1], depth, parent)
-                    if parent is not None:
-                        self.nodes[parent].children.append(cid)
-                node.products += 1
-                parent = cid
+            self._add(path, 1)
+
+    def _add(self, path: Sequence[str], products: int) -> None:
+        parent = None
+        for depth in range(1, len(path) + 1):
+            cid = category_id(path[:depth])
+            node = self.nodes.get(cid)
+            if node is None:
+                node = self.nodes[cid] = Node(cid, path[depth - 1], depth, parent)
+                if parent is not None:
+                    self.nodes[parent].children.append(cid)
+            node.products += products
+            parent = cid
+
+    @classmethod
+    def from_counts(cls, counts: dict) -> "CategoryTree":
+        """The tree of ``{path: products}`` (a catalogue scan's path counts), as if built from every product."""
+        tree = cls(())
+        for path, n in counts.items():
+            tree._add(path, n)
+        return tree
 
     @classmethod
     def from_table(cls, table) -> "CategoryTree":

@@ -2,6 +2,10 @@
 else. Each function takes the workdir URI (local or s3://) and returns a URI under it.
 
     catalog.json                         where the catalogue is (jobs.embed)
+    split.json                           the categories held out of training (jobs.align, from the catalogue scan)
+    align/cache/<part>.parquet|json      jobs.align's pairs (locked trunks' outputs computed once) and counts
+    align/last/, align/best/             aligned towers: open_clip local-dir checkpoints; curve.png, stats.json,
+                                         metrics.json (title<->image recall, zero-shot classification) beside
     features/products/<part>.parquet     product features; categories.parquet, encoders.json, stats.json beside
     quarantine/<part>.parquet            rows jobs.embed could not use, with their reasons
     checkpoints/<variant>-<setting>/     one training run: last/, best/, curve.json, curve.png, stats.json
@@ -15,6 +19,15 @@ from clipita.storage import join
 
 def catalog_record(workdir: str) -> str:
     return join(workdir, "catalog.json")
+
+
+def split_record(workdir: str) -> str:
+    return join(workdir, "split.json")
+
+
+def align_dir(workdir: str, *parts: str) -> str:
+    """``align/`` or a path under it: ``cache``, ``last``, ``best``, ``curve.png``, ``metrics.json``."""
+    return join(workdir, "align", *parts)
 
 
 def features_dir(workdir: str) -> str:
@@ -69,8 +82,8 @@ def metrics_file(workdir: str, kind: str = "json") -> str:
 
 
 def stage_stats(workdir: str, stage: str) -> str:
-    """``stats.json`` of a stage: features/ (embed), index/, evaluation/."""
-    return join(workdir, {"embed": "features", "index": "index", "evaluate": "evaluation"}[stage], "stats.json")
+    """``stats.json`` of a stage: align/, features/ (embed), index/, evaluation/."""
+    return join(workdir, {"align": "align", "embed": "features", "index": "index", "evaluate": "evaluation"}[stage], "stats.json")
 
 
 def pipeline_record(workdir: str) -> str:

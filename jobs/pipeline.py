@@ -1,4 +1,4 @@
-"""jobs.pipeline: the whole product end to end: synth (no --catalog) -> embed -> train -> index -> evaluate.
+"""jobs.pipeline: the whole product end to end: synth (no --catalog) -> align -> embed -> train -> index -> evaluate.
 
     python -m jobs.pipeline --workdir demo-workdir                      # the demo: synthetic catalogue, offline
     python -m jobs.pipeline --workdir /data/run --catalog /data/shop --config configs/production.yaml
@@ -19,7 +19,7 @@ import time
 from clipita import runtime, storage, workdir
 from clipita.models import VARIANTS
 from clipita.sources import synth
-from clipita.stages import embed, evaluate, train
+from clipita.stages import align, embed, evaluate, train
 from clipita.stages.index import build_indexes
 from clipita.tree import SETTINGS
 
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"== synth: {catalog} exists; kept")
             else:
                 stage("synth", lambda: synth.write_catalog(catalog, args.products, seed=args.seed))
+        if cfg.align.enabled:  # --set align.enabled=false: the paper's frozen towers
+            stage("align", lambda: align.run_align(catalog, args.workdir, cfg))
         stats = stage("embed", lambda: embed.run_embed(catalog, args.workdir, cfg))
         if stats["used"] == 0:
             raise ValueError(f"no usable product in {catalog}: see {args.workdir}/quarantine")

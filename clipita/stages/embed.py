@@ -36,8 +36,8 @@ from clipita.images import ImageError, load_image
 from clipita.runtime import Every, node_cores
 from clipita.tree import CategoryTree, category_id, query_text
 from clipita.vectors import vector_column
-from clipita.workdir import (catalog_record, categories_file, encoders_record, features_dir, product_features_dir,
-                             quarantine_dir, stage_stats)
+from clipita.workdir import (align_dir, catalog_record, categories_file, encoders_record, features_dir,
+                             product_features_dir, quarantine_dir, stage_stats)
 
 IDS_PER_BUCKET = 2_000_000  # ids one duplicate-finding reduce task holds
 
@@ -321,6 +321,20 @@ def count_outputs(workdir: str, files_per_task: int = 64) -> tuple[int, Counter,
     return used, nodes, reasons
 
 
+def with_aligned_towers(workdir: str, cfg: Config, log=print) -> Config:
+    """cfg with the workdir's aligned towers (jobs.align's ``align/best``) as the image model, unless
+    align.enabled is false (the paper's frozen towers) or encoders.image_pretrained names aligned towers itself."""
+    from clipita.encoders import CONFIG_FILE, aligned_folder
+
+    best = align_dir(workdir, "best")
+    if not cfg.align.enabled or aligned_folder(cfg.encoders.image_pretrained) or \
+            not storage.exists(storage.join(best, CONFIG_FILE)):
+        return cfg
+    log(f"embed: image and zero-shot text towers: the aligned ones in {best} (jobs.align; align.enabled=false "
+        "keeps the frozen ones)")
+    return dataclasses.replace(cfg, encoders=dataclasses.replace(cfg.encoders, image_pretrained=best))
+
+
 def run_embed(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
     """The whole stage; returns the stats it also writes to features/stats.json."""
     import ray
@@ -331,6 +345,7 @@ def run_embed(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
     t0 = time.time()
     ec = cfg.embed
     catalog_root, workdir = storage.absolute(catalog_root), storage.absolute(workdir)
+    cfg = with_aligned_towers(workdir, cfg, log)
     parts = plan_parts(catalog_root, ec.part_rows)
     storage.write_json(catalog_record(workdir), {"catalog": catalog_root})
     recorded = encoders_record(workdir)

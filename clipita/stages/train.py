@@ -519,18 +519,25 @@ def train(workdir: str, variant: str, setting: str, cfg: Config, log=print) -> d
     return train_runs(workdir, [(variant, setting)], cfg, log)[run_name(variant, setting)]
 
 
-def write_curve_png(uri: str, history: list[dict], title: str) -> None:
+RPREC_CURVES = {"val_rprec_seen": "R-prec seen", "val_rprec_unseen": "R-prec unseen", "val_rprec_hm": "R-prec hm"}
+
+
+def write_curve_png(uri: str, history: list[dict], title: str, right: dict[str, str] | None = None,
+                    right_label: str = "val R-prec (%)") -> None:
+    """Train and val loss per epoch, and on a second axis the validation metrics ``right`` names (key -> label;
+    default the R-precisions)."""
+    right = RPREC_CURVES if right is None else right
     fig, ax = plots.pyplot().subplots(figsize=(5, 3.2))
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h["train_loss"] for h in history], label="train")
     ax.plot(epochs, [h["val_loss"] for h in history], label="val")
     ax.set(xlabel="epoch", ylabel="loss", title=title)
     ax.legend(loc="upper left")
-    if any("val_rprec_hm" in h for h in history):  # curves written before the retrieval metric have none
+    keys = [k for k in right if any(k in h for h in history)]  # curves written before a metric have none
+    if keys:
         ax2 = ax.twinx()
-        for key, style in (("val_rprec_seen", ":"), ("val_rprec_unseen", "--"), ("val_rprec_hm", "-")):
-            ax2.plot(epochs, [h.get(key, float("nan")) for h in history], style, color="tab:green",
-                     label=key.replace("val_rprec_", "R-prec "))
-        ax2.set(ylabel="val R-prec (%)")
+        for key, style in zip(keys, (":", "--", "-")[-len(keys):]):
+            ax2.plot(epochs, [h.get(key, float("nan")) for h in history], style, color="tab:green", label=right[key])
+        ax2.set(ylabel=right_label)
         ax2.legend(loc="upper right", fontsize="small")
     storage.write_bytes(uri, plots.png(fig))
