@@ -78,7 +78,7 @@ def model_config(enc: EncoderConfig, cfg: AlignConfig) -> dict:
 
 
 def build_model(enc: EncoderConfig, cfg: AlignConfig, seed: int = 0) -> nn.Module:
-    """The model alignment starts from, with the configured pre-trained weights in both towers."""
+    """The model alignment starts from, with the configured pre-trained weights in both towers, in eval mode."""
     _, tag_cfg = _open_clip_configs(enc)  # checks the name and weights, one-line errors
     with torch.random.fork_rng(devices=[]), _quiet_load(random_init=True), _quiet_transformers():
         torch.manual_seed(seed)
@@ -95,7 +95,7 @@ def build_model(enc: EncoderConfig, cfg: AlignConfig, seed: int = 0) -> nn.Modul
                                  "use align.text_tower=own for a CLIP checkpoint")
     with torch.no_grad():
         model.logit_scale.fill_(float(torch.log(torch.tensor(1.0 / cfg.tau))))
-    return model
+    return model.eval()  # BatchNorm on its ImageNet statistics everywhere (train_mode keeps it so in training)
 
 
 @contextlib.contextmanager

@@ -309,7 +309,8 @@ class AlignConfig:
     enabled: bool = True  # jobs.pipeline runs align before embed; false: the paper's frozen towers
     text_tower: str = "auto"  # auto: the image model's own text tower when it has CLIP weights (an open_clip tag),
     #                           else encoders.text_model as open_clip's HF text tower | own | hf
-    embed_dim: int = 256  # the shared space, for an HF text tower (an own tower keeps its model's)
+    embed_dim: int = 1024  # the shared space, for an HF text tower (an own tower keeps its model's); 1024 had
+    #                        the better demo val R@10 of 256 / 1024 (benchmarks/align_ablation.py)
     image_train: str = "lock"
     text_train: str = "lock"
     text: str = "title"  # title | title+attributes
@@ -319,7 +320,7 @@ class AlignConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     tau: float = 0.07  # initial temperature (learnable)
-    epochs: int = 10  # lock/lock peaks by epoch 3-7 on the demo's val pairs (benchmarks/align_ablation.py); best/ is the best epoch
+    epochs: int = 10  # lock/lock peaks by epoch 3-9 on the demo's val pairs; best/ is the best epoch
     workers: int = 1  # Ray Train workers (the global batch is batch_size, split over them)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0

@@ -53,7 +53,8 @@ def test_offline_model_is_open_clip_with_the_packaged_towers(cfg, model):
 
 def test_modes_train_what_they_say(model):
     lock = align.set_trainable(model, "lock", "lock")
-    assert lock == {"image": 1280 * 256, "text": 384 * 256}  # the two projections
+    d = load_config(OFFLINE).align.embed_dim
+    assert lock == {"image": 1280 * d, "text": 384 * d}  # the two projections
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"logit_scale", "visual.head.proj.weight", "text.proj.weight"}
     partial = align.set_trainable(model, "partial", "partial")

@@ -33,7 +33,7 @@ from clipita.models import MODELS, REGISTRY, ROWS_GROUP
 from clipita.rankers import Queries, load_ranker
 from clipita.stages.report import METRICS, SPLITS, add_base_to_new, clean, metrics_markdown, metrics_png
 from clipita.tree import SEP, SETTINGS
-from clipita.workdir import group_dir, metrics_file, stage_stats
+from clipita.workdir import align_dir, group_dir, metrics_file, stage_stats
 
 CHUNK_ENTRIES = 1 << 21  # queries x depth ranked in one call: bounds an actor's result arrays (~16 MB)
 
@@ -298,12 +298,17 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
         for a in group:
             ray.kill(a)
     add_base_to_new(rows)
-    note = recorded_encoders(workdir).zero_shot_note
+    encoders = recorded_encoders(workdir)
+    note = encoders.zero_shot_note
+    # features of aligned towers: their alignment section (jobs.align's scores of the same test split)
+    aligned = align_dir(workdir, "metrics.json")
+    alignment = storage.read_json(aligned) if encoders.image_pretrained.startswith(align_dir(workdir)) and \
+        storage.exists(aligned) else None
     for r in rows:
         if note and REGISTRY[r["model"]].reads_clip_text:  # kept, and said why it is no baseline (metrics.md too)
             r["note"] = note
     storage.write_json(metrics_file(workdir), rows)
-    storage.write_bytes(metrics_file(workdir, "md"), metrics_markdown(rows).encode())
+    storage.write_bytes(metrics_file(workdir, "md"), metrics_markdown(rows, alignment).encode())
     storage.write_bytes(metrics_file(workdir, "png"), metrics_png(rows))
     storage.write_json(stage_stats(workdir, "evaluate"), {
         "stage": "evaluate", "rows": len(rows), "candidates": n_candidates,

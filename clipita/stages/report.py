@@ -60,7 +60,29 @@ def _model(r: dict) -> str:
     return f"{r['model']} †" if r.get("note") else r["model"]
 
 
-def metrics_markdown(rows: list[dict]) -> str:
+def alignment_markdown(m: dict) -> list[str]:
+    """metrics.md's "alignment" section from jobs.align's align/metrics.json."""
+    if not m.get("test_pairs"):
+        return ["## Alignment (jobs.align)", "", "No test products to score.", ""]
+    out = ["## Alignment (jobs.align)", "",
+           f"The towers after alignment (align/best) and before it, on {m['test_pairs']} test products (a pool "
+           "neither trained nor chose the checkpoint). Recall@k: a title finds its product's image (or an image its "
+           "title) among the k nearest of the pool; zero-shot: a product's image against the prompted names of "
+           "every category of a depth.", "",
+           "| towers | title→image R@1 | R@5 | R@10 | image→title R@1 | R@5 | R@10 | " +
+           " | ".join(f"depth {d[len('zero_shot_depth'):]} top-1 | top-5" for d in m["aligned"]
+                      if d.startswith("zero_shot_depth")) + " |"]
+    depths = [d for d in m["aligned"] if d.startswith("zero_shot_depth")]
+    out.append("|---|" + "---|" * (6 + 2 * len(depths)))
+    for name in ("aligned", "unaligned"):
+        r = m[name]
+        out.append(f"| {name} | " + " | ".join(_fmt(r[side].get(str(k), r[side].get(k)))
+                                              for side in ("title_to_image", "image_to_title") for k in (1, 5, 10))
+                   + " | " + " | ".join(f"{_fmt(r[d]['top1'])} | {_fmt(r[d]['top5'])}" for d in depths) + " |")
+    return out + [""]
+
+
+def metrics_markdown(rows: list[dict], alignment: dict | None = None) -> str:
     notes = sorted({f"{r['model']}: {r['note']}" for r in rows if r.get("note")})
     out = ["# clipita evaluation", "",
            "Metrics in %. mAP@K is the paper's hits-normalised AP (PAPER.md); `_std` columns divide by min(R, K).",
@@ -90,6 +112,8 @@ def metrics_markdown(rows: list[dict]) -> str:
             "| setting | model | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for r in (r for r in rows if r["split"] == "all"):
         out.append(f"| {r['setting']} | {_model(r)} | " + " | ".join(_fmt(r["hierarchy"][m]) for m in METRICS) + " |")
+    if alignment:
+        out += ["", *alignment_markdown(alignment)]
     return "\n".join(out) + "\n"
 
 
