@@ -37,7 +37,7 @@ from clipita.features import write_split
 from clipita.runtime import Every, node_cores
 from clipita.streams import FeatureSource, products_dataset
 from clipita.tree import CategoryTree, Labeler, category_id, unit_hash
-from clipita.vectors import vector_column, vectors
+from clipita.vectors import vector_column
 from clipita.workdir import align_dir, stage_stats
 
 SPLITS = ("train", "val", "test")
@@ -209,17 +209,25 @@ def _keep(batch: pa.Table, split: str, keep_fraction: float = 1.0, seed: int = 0
                     dtype=bool)
 
 
-def _arrays(batch: pa.Table, keep: np.ndarray) -> dict[str, np.ndarray]:
-    """Cache rows as the workers' numpy inputs: image_in / text_in (N, width), group (N,)."""
+def _arrays(batch: pa.Table, keep: np.ndarray, categories: dict[str, int] | None = None,
+            depths: int = 0) -> dict[str, np.ndarray]:
+    """Cache rows as the workers' numpy inputs: image_in / text_in (N, width), group (N,); with ``categories``
+    (category -> its number among its depth's), ``depth<d>`` (N,): the number of each row's category at depth d
+    (-1: its path is shorter)."""
     out = {k: batch.column(k).combine_chunks().flatten().to_numpy(zero_copy_only=False)
            .reshape(batch.num_rows, -1)[keep] for k in ("image_in", "text_in")}
     out["group"] = batch.column("group").to_numpy()[keep]
+    if categories is not None:
+        paths = [p for p, k in zip(batch.column("category_path").to_pylist(), keep) if k]
+        for d in range(1, depths + 1):
+            out[f"depth{d}"] = np.array([categories[category_id(p[:d])] if len(p) >= d else -1 for p in paths],
+                                        dtype=np.int64)
     return out
 
 
-def _rows(split: str, keep_fraction: float = 1.0, seed: int = 0):
+def _rows(split: str, keep_fraction: float = 1.0, seed: int = 0, categories: dict | None = None, depths: int = 0):
     """Read-task transform: the cache rows of one split as numpy."""
-    return lambda batch: _arrays(batch, _keep(batch, split, keep_fraction, seed))
+    return lambda batch: _arrays(batch, _keep(batch, split, keep_fraction, seed), categories, depths)
 
 
 class _Towers:
@@ -324,9 +332,13 @@ def align_loop(config: dict) -> None:
     if not use_gpu:
         torch.set_num_threads(max(1, node_cores() // ctx.get_local_world_size()))
     model = align.build_model(enc, ac, seed=config["seed"])
-    align.set_trainable(model, ac.image_train, ac.text_train)
+    trainable = align.set_trainable(model, ac.image_train, ac.text_train)
     align.train_mode(model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # the unaligned towers
+    if rank == 0:
+        print(f"align: trainable parameters: image {trainable['image']:,}, text {trainable['text']:,}", flush=True)
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": ac.weight_decay},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=ac.lr)
     history, best, start = [], -1.0, 0
@@ -389,6 +401,18 @@ def align_loop(config: dict) -> None:
                   f"title->image R@10 {t2i[10]:.1f} (image->title {i2t[10]:.1f}){' best' if improved else ''}",
                   flush=True)
         ray.train.report({"epoch": epoch + 1})
+    if rank == 0 and config["test_rows"]:  # step 4: the test pairs, best/ against the towers before alignment
+        test = _load_all(ray.train.get_dataset_shard("test"))
+        tokenize = align.tokenizer(enc, ac)
+        best_state = align.load_checkpoint(aligned_folder(config["best"])).state_dict()
+        metrics = {"test_pairs": len(test.get("group", [])), "pool": "test products"}
+        for name, state in (("aligned", {n: best_state[n] for n in names}), ("unaligned", before)):
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in state:
+                        p.copy_(state[n])
+            metrics[name] = score_towers(towers, test, config["prompts"], tokenize) if metrics["test_pairs"] else {}
+        storage.write_json(config["metrics"], metrics)
 
 
 def finished(workdir: str, epochs: int) -> bool:
@@ -397,8 +421,9 @@ def finished(workdir: str, epochs: int) -> bool:
             and storage.read_json(last)["clipita"]["epoch"] >= epochs)
 
 
-def train_towers(workdir: str, cfg: Config, counts: dict, log=print) -> None:
-    """Step 3: Ray Train over the cached train pairs, to align.epochs (resuming from last/)."""
+def train_towers(workdir: str, cfg: Config, tree: CategoryTree, counts: dict, log=print) -> None:
+    """Steps 3-4: Ray Train over the cached train pairs, to align.epochs (resuming from last/); then rank 0 scores
+    the test pairs into align/metrics.json."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -415,17 +440,21 @@ def train_towers(workdir: str, cfg: Config, counts: dict, log=print) -> None:
     if batch < ac.batch_size:
         log(f"align: the train split has {n_train} pairs: global batch {batch} (align.batch_size {ac.batch_size})")
     files = storage.parquet_files(align_dir(workdir, "cache"))
-    source = FeatureSource(files, ["product_id", "split", "group", "image_in", "text_in"])
-    model = align.build_model(enc, ac)
-    cached = {s: align.cacheable(model, s, getattr(ac, f"{s}_train")) for s in ("image", "text")}
-    trainable = align.set_trainable(model, ac.image_train, ac.text_train)
-    del model
+    source = FeatureSource(files, ["product_id", "split", "group", "image_in", "text_in", "category_path"])
+    mc = align.model_config(enc, ac)  # what the model will be, without building it here
+    cached = {"image": ac.image_train == "lock" and "timm_model_name" in mc["vision_cfg"],
+              "text": ac.text_train == "lock" and bool(mc.get("custom_text"))}
+    depths = max(n.depth for n in tree.nodes.values())
+    by_depth = [sorted(c for c, n in tree.nodes.items() if n.depth == d) for d in range(1, depths + 1)]
+    number = {c: i for cats in by_depth for i, c in enumerate(cats)}
     row_bytes = source.bytes / max(1, counts["train"] + counts["val"] + counts["test"])
     in_memory = n_train / ac.workers * row_bytes <= CACHE_MB * 2**20
     train_ds = products_dataset(source, cfg.data.stream_mb, _rows("train"))
     val_ds = products_dataset(source, cfg.data.stream_mb, _rows("val", min(1.0, ac.eval_rows / n_val), cfg.data.seed))
-    log(f"align: {ac.image_train}/{ac.text_train} (image/text; trainable {trainable['image']:,}/"
-        f"{trainable['text']:,}), {'cached' if cached['image'] else 'streamed'} image inputs, {n_train} train / "
+    test_ds = products_dataset(source, cfg.data.stream_mb, _rows("test", min(1.0, ac.eval_rows / max(1, counts["test"])),
+                                                                 cfg.data.seed, number, depths))
+    log(f"align: {ac.image_train}/{ac.text_train} (image/text), {'cached' if cached['image'] else 'streamed'} "
+        f"image inputs, {n_train} train / "
         f"{min(n_val, ac.eval_rows)} val pairs, {ac.workers} workers x batch {batch // ac.workers}, {ac.epochs} epochs")
     fs, path = storage.arrow_filesystem(align_dir(workdir))
     cpus = ray.cluster_resources().get("CPU", 0)
@@ -436,7 +465,9 @@ def train_towers(workdir: str, cfg: Config, counts: dict, log=print) -> None:
         train_loop_config={"encoders": dataclasses.asdict(enc), "align": dataclasses.asdict(ac), "seed": cfg.data.seed,
                            "cached": cached, "image_size": image_preprocess_spec(enc)[0], "batch": batch,
                            "in_memory": in_memory, "last": align_dir(workdir, "last"),
-                           "best": align_dir(workdir, "best"),
+                           "best": align_dir(workdir, "best"), "metrics": align_dir(workdir, "metrics.json"),
+                           "test_rows": counts["test"] > 0,
+                           "prompts": [[enc.clip_prompt.format(tree.nodes[c].name) for c in cats] for cats in by_depth],
                            "fail_at_epoch": int(os.environ.get(FAIL_AT_EPOCH_ENV, -1)),
                            "fail_marker": os.environ.get(FAIL_MARKER_ENV)},
         scaling_config=ray.train.ScalingConfig(num_workers=ac.workers, use_gpu=ac.use_gpu,
@@ -445,7 +476,7 @@ def train_towers(workdir: str, cfg: Config, counts: dict, log=print) -> None:
             name="ray-train", storage_path=path, storage_filesystem=fs if storage.is_remote(workdir) else None,
             failure_config=ray.train.FailureConfig(max_failures=ac.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets={"train": train_ds, "val": val_ds, "test": test_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     trainer.fit()
@@ -453,73 +484,42 @@ def train_towers(workdir: str, cfg: Config, counts: dict, log=print) -> None:
 
 # ---------------------------------------------------------------------------------------------- scoring
 
-def score(workdir: str, cfg: Config, tree: CategoryTree, test: int) -> dict:
-    """Step 4 (a Ray task): title <-> image Recall@k and zero-shot classification accuracy by depth on the test
-    pairs (a seeded sample of align.eval_rows), for best/ and for the towers before alignment."""
+def score_towers(towers: _Towers, rows: dict, prompts: list[list[str]], tokenize) -> dict:
+    """Title <-> image Recall@k over ``rows`` (test pairs) and zero-shot classification of their images against
+    ``prompts[d - 1]`` (the prompted category names of depth d): top-1 / top-5 accuracy by depth."""
     import torch
 
-    from clipita import align
-    from clipita.encoders import aligned_folder, image_preprocess_spec
-
-    ac, enc = cfg.align, cfg.encoders
-    fraction = min(1.0, ac.eval_rows / max(1, test))
-    arrays, labels = [], []
-    for f in storage.parquet_files(align_dir(workdir, "cache")):
-        t = pq.read_table(storage.filesystem(f)[1], filesystem=storage.arrow_filesystem(f)[0])
-        keep = _keep(t, "test", fraction, cfg.data.seed)
-        arrays.append(_arrays(t, keep))
-        labels += [p for p, k in zip(t.column("category_path").to_pylist(), keep) if k]
-    rows = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
-    by_depth = {d: sorted(c for c, n in tree.nodes.items() if n.depth == d)
-                for d in sorted({n.depth for n in tree.nodes.values()})}
-    out = {"test_pairs": len(labels), "pool": "test products"}
-    if not labels:
-        return out
-    build = {"aligned": lambda: align.load_checkpoint(aligned_folder(align_dir(workdir, "best"))),
-             "unaligned": lambda: align.build_model(enc, ac, seed=cfg.data.seed)}
-    for name, make in build.items():
-        model = make()
-        cached = {s: align.cacheable(model, s, getattr(ac, f"{s}_train")) for s in ("image", "text")}
-        towers = _Towers(model, enc, cached, torch.device("cpu"), image_preprocess_spec(enc)[0])
-        img, txt, grp = towers.embed(rows)
-        result = {"title_to_image": recall(txt, img, grp, grp), "image_to_title": recall(img, txt, grp, grp)}
-        tok = align.tokenizer(enc, ac)
-        for d, cats in by_depth.items():
-            names = [enc.clip_prompt.format(tree.nodes[c].name) for c in cats]
-            with torch.no_grad():
-                cat = torch.cat([model.encode_text(tok(names[i:i + 256]), normalize=True)
-                                 for i in range(0, len(names), 256)]).float()
-            index = {c: i for i, c in enumerate(cats)}
-            truth = torch.tensor([index.get(category_id(p[:d]), -1) for p in labels])
-            have = truth >= 0
-            top = (img[have] @ cat.T).topk(min(5, len(cats)), dim=1).indices
-            hits = top == truth[have][:, None]
-            result[f"zero_shot_depth{d}"] = {"top1": round(100 * float(hits[:, 0].float().mean()), 2),
-                                             "top5": round(100 * float(hits.any(dim=1).float().mean()), 2),
-                                             "categories": len(cats), "products": int(have.sum())}
-        out[name] = result
+    img, txt, grp = towers.embed(rows)
+    out = {"title_to_image": recall(txt, img, grp, grp), "image_to_title": recall(img, txt, grp, grp)}
+    for d, names in enumerate(prompts, start=1):
+        with torch.no_grad():
+            cat = torch.cat([towers.model.encode_text(tokenize(names[i:i + 256]).to(towers.device), normalize=True)
+                             for i in range(0, len(names), 256)]).float()
+        truth = torch.as_tensor(rows[f"depth{d}"], device=img.device)
+        have = truth >= 0
+        hits = (img[have] @ cat.T).topk(min(5, len(names)), dim=1).indices == truth[have][:, None]
+        out[f"zero_shot_depth{d}"] = {"top1": round(100 * float(hits[:, 0].float().mean()), 2) if len(hits) else None,
+                                      "top5": round(100 * float(hits.any(dim=1).float().mean()), 2) if len(hits)
+                                      else None, "categories": len(names), "products": int(have.sum())}
     return out
 
 
 def run_align(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
     """The whole stage; returns the stats it also writes to align/stats.json."""
-    import ray
-
     from clipita.stages.train import write_curve_png
 
     t0 = time.time()
     catalog_root, workdir = storage.absolute(catalog_root), storage.absolute(workdir)
-    labeler, tree, counts = cache_parts(catalog_root, workdir, cfg, log)
+    _, tree, counts = cache_parts(catalog_root, workdir, cfg, log)
     t_cache = time.time() - t0
-    if finished(workdir, cfg.align.epochs):
+    if finished(workdir, cfg.align.epochs) and storage.exists(align_dir(workdir, "metrics.json")):
         log(f"align: {align_dir(workdir)} is aligned already ({cfg.align.epochs} epochs); not training again")
     else:
-        train_towers(workdir, cfg, counts, log)
+        train_towers(workdir, cfg, tree, counts, log)
     history = storage.read_json(align_dir(workdir, "last", "open_clip_config.json"))["clipita"]["history"]
     write_curve_png(align_dir(workdir, "curve.png"), history, "align",
                     right={"val_r10": "title->image R@10", "val_r10_i2t": "image->title R@10"}, right_label="val %")
-    metrics = ray.get(ray.remote(num_cpus=1)(score).remote(workdir, cfg, tree, counts["test"]))
-    storage.write_json(align_dir(workdir, "metrics.json"), metrics)
+    metrics = storage.read_json(align_dir(workdir, "metrics.json"))
     best = max(history, key=lambda h: h["val_r10"])
     rates = [h["samples_per_s"] for h in history if h["samples_per_s"]]
     stats = {"stage": "align", **counts, "held_out": counts["val"] + counts["test"],
@@ -527,6 +527,7 @@ def run_align(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
              "best_epoch": best["epoch"], "best_val_r10": best["val_r10"],
              "pairs_per_s": float(np.median(rates)) if rates else None, "cache_seconds": round(t_cache, 2),
              "seconds": round(time.time() - t0, 2),
-             "test_title_to_image_r10": {k: metrics[k]["title_to_image"][10] for k in ("aligned", "unaligned")}}
+             "test_title_to_image_r10": {k: metrics[k].get("title_to_image", {}).get("10")
+                                         for k in ("aligned", "unaligned")}}
     storage.write_json(stage_stats(workdir, "align"), stats)
     return stats

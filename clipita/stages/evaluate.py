@@ -31,7 +31,8 @@ from clipita.index import IndexIntegrityError, ShardedIndex, read_rows
 from clipita.metrics import per_query_metrics
 from clipita.models import MODELS, REGISTRY, ROWS_GROUP
 from clipita.rankers import Queries, load_ranker
-from clipita.stages.report import METRICS, SPLITS, add_base_to_new, clean, metrics_markdown, metrics_png
+from clipita.stages.report import (METRICS, SPLITS, add_base_to_new, alignment_rows, clean, metrics_markdown,
+                                   metrics_png)
 from clipita.tree import SEP, SETTINGS
 from clipita.workdir import align_dir, group_dir, metrics_file, stage_stats
 
@@ -307,7 +308,7 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
     for r in rows:
         if note and REGISTRY[r["model"]].reads_clip_text:  # kept, and said why it is no baseline (metrics.md too)
             r["note"] = note
-    storage.write_json(metrics_file(workdir), rows)
+    storage.write_json(metrics_file(workdir), rows + (alignment_rows(alignment) if alignment else []))
     storage.write_bytes(metrics_file(workdir, "md"), metrics_markdown(rows, alignment).encode())
     storage.write_bytes(metrics_file(workdir, "png"), metrics_png(rows))
     storage.write_json(stage_stats(workdir, "evaluate"), {

@@ -60,6 +60,21 @@ def _model(r: dict) -> str:
     return f"{r['model']} †" if r.get("note") else r["model"]
 
 
+def alignment_rows(m: dict) -> list[dict]:
+    """metrics.json's ``"task": "align"`` rows (DESIGN.md) from align/metrics.json: one per towers, aligned or not."""
+    rows = []
+    for name in ("aligned", "unaligned") if m.get("test_pairs") else ():
+        r = m[name]
+        row = {"task": "align", "model": name, "split": "test", "products": m["test_pairs"]}
+        for side, key in (("title_to_image", "t2i"), ("image_to_title", "i2t")):
+            row.update({f"{key}_R@{k}": r[side].get(str(k), r[side].get(k)) for k in (1, 5, 10)})
+        row["zero_shot"] = {d[len("zero_shot_depth"):]: {"acc@1": v["top1"], "acc@5": v["top5"],
+                                                          "categories": v["categories"], "products": v["products"]}
+                            for d, v in r.items() if d.startswith("zero_shot_depth")}
+        rows.append(row)
+    return rows
+
+
 def alignment_markdown(m: dict) -> list[str]:
     """metrics.md's "alignment" section from jobs.align's align/metrics.json."""
     if not m.get("test_pairs"):
