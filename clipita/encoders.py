@@ -251,6 +251,16 @@ class ImageEncoder:
         return np.concatenate(out)
 
     @torch.inference_mode()
+    def encode_trunk(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """Outputs of a timm tower's trunk (jobs.align's cache of a locked trunk) through its head: what ``encode``
+        returns for the images they were computed from, without the trunk."""
+        out = [np.zeros((0, self.dim), np.float32)]
+        for i in range(0, len(features), batch_size):
+            x = torch.tensor(features[i:i + batch_size], device=self.device)
+            out.append(_normalized(self.model.visual.head(x)))
+        return np.concatenate(out)
+
+    @torch.inference_mode()
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Texts through the CLIP text tower (zero-shot CLIP) -> float32 ``(T, dim)``, L2-normalised."""
         out = [np.zeros((0, self.dim), np.float32)]

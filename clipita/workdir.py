@@ -4,8 +4,8 @@ else. Each function takes the workdir URI (local or s3://) and returns a URI und
     catalog.json                         where the catalogue is (jobs.embed)
     split.json                           the categories held out of training (jobs.align, from the catalogue scan)
     align/cache/<part>.parquet|json      jobs.align's pairs (locked trunks' outputs computed once) and counts
-    align/last/, align/best/             aligned towers: open_clip local-dir checkpoints; curve.png, stats.json,
-                                         metrics.json (title<->image recall, zero-shot classification) beside
+    align/last/, align/best/             aligned towers: open_clip local-dir checkpoints; resume.pt (the state a
+                                         restart goes on from), curve.png, stats.json, metrics.json beside
     features/products/<part>.parquet     product features; categories.parquet, encoders.json, stats.json beside
     quarantine/<part>.parquet            rows jobs.embed could not use, with their reasons
     checkpoints/<variant>-<setting>/     one training run: last/, best/, curve.json, curve.png, stats.json

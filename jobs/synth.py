@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--products", type=int, required=True, help="number of products (>= 1)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same catalogue (>= 0)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: min(CPUs, 8))")
+    parser.add_argument("--duplicates", type=float, default=0.0,
+                        help="share of products listed twice (another seller, a shared group_id column; default 0)")
     parser.add_argument("--features-only", action="store_true",
                         help="write a features workdir at production widths directly (no images, no encoders), "
                         "for scale benchmarks and bring-your-own-embeddings users")
@@ -48,12 +50,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.out} in {stats['seconds']:.1f} s ({stats['products_per_s']:,.0f} products/s)")
         return 0
     try:
-        summary = synth.write_catalog(args.out, args.products, seed=args.seed, workers=args.workers)
+        summary = synth.write_catalog(args.out, args.products, seed=args.seed, workers=args.workers,
+                                      duplicates=args.duplicates)
     except (ValueError, storage.StorageError) as e:
         parser.error(str(e).splitlines()[0])
     images = ", ".join(f"{n:,} {fmt}" for fmt, n in summary["images"].items())
+    dups = f", {summary['duplicates']:,} second listings (group_id)" if summary["duplicates"] else ""
     print(f"synth: wrote {summary['products']:,} products ({images}) in {summary['categories']} categories "
-          f"({summary['leaves']} leaves, {summary['roots']} roots) to {args.out} in {summary['seconds']:.1f} s "
+          f"({summary['leaves']} leaves, {summary['roots']} roots){dups} to {args.out} in {summary['seconds']:.1f} s "
           f"({summary['products_per_s']:,.0f}/s)")
     return 0
 

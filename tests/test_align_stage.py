@@ -68,8 +68,13 @@ def test_align_from_s3_accounts_for_every_row_and_embed_reads_the_aligned_towers
     # the best checkpoint loads in open_clip from the object store, and jobs.embed embeds with it
     folder = aligned_folder(f"{workdir}/align/best")
     assert folder and os.path.isfile(os.path.join(folder, "open_clip_config.json"))
-    embed_stats = run_embed(root, workdir, cfg, log=lambda *_: None)
-    assert embed_stats["used"] == 235
+    lines = []
+    embed_stats = run_embed(root, workdir, cfg, log=lines.append)
+    assert any("from jobs.align's cache" in line for line in lines)  # the locked trunk is not run twice
+    assert embed_stats["used"] == 235 and embed_stats["quarantined"] == 6
+    quarantine = {r["product_id"]: r["reason"] for r in read_parquet_dir(f"{workdir}/quarantine").to_pylist()}
+    for pid, want in bad.items():
+        assert want in quarantine[pid], (pid, quarantine[pid])
     recorded = storage.read_json(f"{workdir}/features/encoders.json")
     assert recorded["image_pretrained"] == f"{workdir}/align/best"
     feats = read_parquet_dir(f"{workdir}/features/products")

@@ -163,6 +163,23 @@ def test_deterministic_whatever_the_workers(catalog, tmp_path):
     assert same_images == 0
 
 
+def test_duplicates_are_second_listings_sharing_a_group(catalog, tmp_path):
+    out = str(tmp_path / "dups")
+    summary = synth.write_catalog(out, 50, seed=SEED, workers=1, progress=False, duplicates=0.3)
+    rows = _rows(out)
+    seconds = [r for r in rows if r["product_id"].endswith("-2")]
+    assert summary["duplicates"] == len(seconds) and 5 <= len(seconds) <= 25 and len(rows) == 50 + len(seconds)
+    assert [dict(r, group_id=None) for r in rows if not r["product_id"].endswith("-2")] == [
+        dict(r, group_id=None) for r in _rows(catalog)[:50]]  # the products themselves are unchanged
+    first = {r["product_id"]: r for r in rows}
+    for r in seconds:
+        original = first[r["product_id"][:-2]]
+        assert r["group_id"] == original["group_id"] == original["product_id"] and r["image"] == original["image"]
+        assert r["title"].startswith(original["title"] + " - ") and r["category_path"] == original["category_path"]
+    with pytest.raises(ValueError, match="duplicated"):
+        synth.write_catalog(out, 5, duplicates=2.0, progress=False)
+
+
 def test_bad_arguments_raise_one_line(tmp_path):
     with pytest.raises(ValueError, match="at least 1"):
         synth.write_catalog(str(tmp_path / "c"), 0, progress=False)

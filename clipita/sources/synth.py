@@ -19,6 +19,7 @@ import hashlib
 import io
 import math
 import os
+import random
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -684,9 +685,29 @@ class _Progress:
             print(f"synth: {self.done:,}/{self.total:,} products ({rate:,.0f}/s)", file=sys.stderr, flush=True)
 
 
+SELLERS = ("Northwind", "Contoso", "Fabrikam", "Tailspin", "Litware")
+
+
+def _with_duplicates(rows: list[dict], share: float, seed: int) -> list[dict]:
+    """rows, each chosen one (a seeded ``share`` of them) followed by its second listing; every row gets a
+    group_id (its own id, or the listed product's)."""
+    rng = random.Random(f"{seed}-duplicates")
+    out = []
+    for r in rows:
+        out.append(dict(r, group_id=r["product_id"]))
+        if rng.random() < share:
+            out.append(dict(r, product_id=f"{r['product_id']}-2", group_id=r["product_id"], duplicate=True,
+                            title=f"{r['title']} - {rng.choice(SELLERS)}"))
+    return out
+
+
 def write_catalog(out: str, n_products: int, seed: int = 0, workers: int | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, duplicates: float = 0.0) -> dict:
     """Write a synthetic catalogue of ``n_products`` (images + ``products.parquet``) under ``out``.
+
+    ``duplicates``: the share of products listed a second time by another seller (a new id, the same image
+    file, the title with the seller's name), both rows sharing a ``group_id`` (the column is written only then);
+    the products (and every figure of the demo, which lists none twice) are the same as without.
 
     Returns summary counts. Raises ValueError for bad arguments and StorageError for an unusable ``out``.
     With ``workers`` > 1 it starts processes with "spawn": a calling script needs the usual
@@ -696,6 +717,8 @@ def write_catalog(out: str, n_products: int, seed: int = 0, workers: int | None 
         raise ValueError(f"the number of products must be at least 1, got {n_products}")
     if seed < 0:
         raise ValueError(f"the seed must be a non-negative integer, got {seed}")
+    if not 0.0 <= duplicates <= 1.0:
+        raise ValueError(f"the share of duplicated products must be in [0, 1], got {duplicates}")
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     if workers < 1:
         raise ValueError(f"the number of workers must be at least 1, got {workers}")
@@ -726,8 +749,11 @@ def write_catalog(out: str, n_products: int, seed: int = 0, workers: int | None 
                 pool.shutdown(cancel_futures=True)  # fail now, not after rendering every queued chunk
                 raise
     rows = [r for start in sorted(results) for r in results[start]]
+    schema = _SCHEMA
+    if duplicates > 0:
+        rows, schema = _with_duplicates(rows, duplicates, seed), _SCHEMA.append(pa.field("group_id", pa.string()))
 
-    table = pa.table({name: [r[name] for r in rows] for name in _SCHEMA.names}, schema=_SCHEMA)
+    table = pa.table({name: [r[name] for r in rows] for name in schema.names}, schema=schema)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
     try:
@@ -736,7 +762,8 @@ def write_catalog(out: str, n_products: int, seed: int = 0, workers: int | None 
         raise storage.StorageError(f"cannot write {out}/products.parquet: {_first_line(e)}") from None
 
     seconds = time.perf_counter() - t0
-    formats = {f: sum(r["format"] == f for r in rows) for f in _FORMATS}
+    formats = {f: sum(r["format"] == f for r in rows if not r.get("duplicate")) for f in _FORMATS}
     tree = CategoryTree(r["category_path"] for r in rows).summary()  # the categories that got products
     return {"out": out, "products": n_products, "seed": seed, **tree, "images": formats,
+            "duplicates": sum(bool(r.get("duplicate")) for r in rows),
             "seconds": round(seconds, 2), "products_per_s": round(n_products / seconds, 1)}

@@ -9,8 +9,9 @@ catalogue's own image-title pairs (clipita/align.py), before jobs.embed.
    split; the parquet file marks the part done, so a re-run skips it).
 3. Ray Train: TorchTrainer workers over the train rows (``streaming_split``), one GradCacheStep per global batch
    (``align.batch_size`` over ``align.workers``); rank 0 scores the val pairs after each epoch and writes
-   ``last/`` (resume, with the optimiser) and ``best/`` (the best val title -> image Recall@10): open_clip
-   ``local-dir:`` checkpoints. FailureConfig restarts a failed group from ``last/``.
+   ``resume.pt`` (the trained parameters, the best epoch's and the optimiser: FailureConfig restarts a failed
+   group from it, as does a re-run); after the last epoch ``last/`` and ``best/`` (the best val title -> image
+   Recall@10), open_clip ``local-dir:`` checkpoints.
 4. ``align/metrics.json``: title <-> image Recall@1/5/10 and zero-shot classification (top-1/5 by depth) on test
    products, for ``best/`` and for the towers before alignment; ``curve.png``, ``stats.json``.
 
@@ -19,6 +20,7 @@ Only the train split's pairs train: the val pairs choose ``best/`` and the test 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -122,9 +124,11 @@ class AlignParts:
                                                                               np.zeros((0, 1), np.int32))
         counts = {"part": part, "read": rows.num_rows, **{s: split.count(s) for s in SPLITS},
                   "quarantined": int((~ok).sum()), "grouped": sum(p in groups for p in ids),
-                  "reasons": dict(Counter(r for r in reasons if r))}
+                  "reasons": dict(Counter(r for r in reasons if r)),
+                  "quarantine": rows.filter(pa.array(~ok)).select(["product_id", "reason", "source"]).to_pylist()}
         storage.write_json(align_dir(self.workdir, "cache", f"{part}.json"), counts)
-        table = pa.table({"product_id": ids, "split": split, "category_path": paths, "text": texts,
+        table = pa.table({"product_id": ids, "split": split, "category_path": paths, "text": texts, "title": titles,
+                          "attributes": good.column("attributes"), "image": good.column("image"),
                           "group": pa.array([align.group_key(groups.get(p), t) for p, t in zip(ids, titles)],
                                             pa.int64()),
                           "image_in": vector_column(image_in), "text_in": vector_column(text_in)})
@@ -192,7 +196,7 @@ def cache_parts(catalog_root: str, workdir: str, cfg: Config, log=print) -> tupl
     for p in parts:  # one small json per part
         c = storage.read_json(align_dir(workdir, "cache", f"{p.name}.json"))
         reasons.update(c.pop("reasons"))
-        c.pop("part")
+        c.pop("part"), c.pop("quarantine")
         totals.update(c)
     counts = {**{k: totals[k] for k in ("read", *SPLITS, "quarantined", "grouped")}, "reasons": dict(reasons)}
     if counts["read"] != sum(counts[s] for s in SPLITS) + counts["quarantined"]:
@@ -320,7 +324,6 @@ def align_loop(config: dict) -> None:
     import torch
 
     from clipita import align
-    from clipita.encoders import aligned_folder
     from clipita.loss import ContrastiveLoss
     from clipita.stages.train import _fail_if_asked
 
@@ -335,20 +338,22 @@ def align_loop(config: dict) -> None:
     trainable = align.set_trainable(model, ac.image_train, ac.text_train)
     align.train_mode(model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # the unaligned towers
     if rank == 0:
         print(f"align: trainable parameters: image {trainable['image']:,}, text {trainable['text']:,}", flush=True)
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": ac.weight_decay},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=ac.lr)
     history, best, start = [], -1.0, 0
-    last = aligned_folder(config["last"])
-    if last:  # a restarted group or a re-run: on from the last finished epoch
-        model.load_state_dict(align.load_checkpoint(last).state_dict())
-        optimizer.load_state_dict(torch.load(os.path.join(last, "optimizer.pt"), map_location=device,
-                                             weights_only=True))
-        meta = json.loads(open(os.path.join(last, align.CONFIG_FILE)).read())["clipita"]
-        history, best, start = meta["history"], meta["best"], meta["epoch"]
+
+    def trained() -> dict:
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    best_state = trained()
+    if storage.exists(config["resume"]):  # a restarted group or a re-run: on from the last finished epoch
+        state = torch.load(io.BytesIO(storage.read_bytes(config["resume"])), map_location=device, weights_only=True)
+        _load_trained(model, state["trained"])
+        optimizer.load_state_dict(state["optimizer"])
+        best_state, history, best, start = state["best_trained"], state["history"], state["best"], state["epoch"]
         if rank == 0:
             print(f"align: resuming after epoch {start}", flush=True)
     towers = _Towers(model, enc, config["cached"], device, config["image_size"])
@@ -392,27 +397,42 @@ def align_loop(config: dict) -> None:
             history.append(h)
             improved = h["val_r10"] > best
             best = max(best, h["val_r10"])
-            extra = {"epoch": epoch + 1, "history": history, "best": best, "align": dataclasses.asdict(ac)}
             if improved:
-                _save(model, config["best"], enc, ac, extra)
-            _save(model, config["last"], enc, ac, extra, optimizer)
+                best_state = trained()
+            # what trains and the optimiser only (the towers' frozen weights are the build's): a few MB an epoch
+            buf = io.BytesIO()
+            torch.save({"trained": trained(), "best_trained": best_state, "optimizer": optimizer.state_dict(),
+                        "history": history, "best": best, "epoch": epoch + 1}, buf)
+            storage.write_bytes(config["resume"], buf.getvalue())
             print(f"align: epoch {epoch + 1}/{ac.epochs} {seconds:.1f} s, {len(losses)} steps, "
                   f"{h['samples_per_s']} pairs/s; train/val loss {h['train_loss']:.3f}/{val_loss:.3f}, val "
                   f"title->image R@10 {t2i[10]:.1f} (image->title {i2t[10]:.1f}){' best' if improved else ''}",
                   flush=True)
         ray.train.report({"epoch": epoch + 1})
-    if rank == 0 and config["test_rows"]:  # step 4: the test pairs, best/ against the towers before alignment
-        test = _load_all(ray.train.get_dataset_shard("test"))
-        tokenize = align.tokenizer(enc, ac)
-        best_state = align.load_checkpoint(aligned_folder(config["best"])).state_dict()
-        metrics = {"test_pairs": len(test.get("group", [])), "pool": "test products"}
-        for name, state in (("aligned", {n: best_state[n] for n in names}), ("unaligned", before)):
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n in state:
-                        p.copy_(state[n])
-            metrics[name] = score_towers(towers, test, config["prompts"], tokenize) if metrics["test_pairs"] else {}
-        storage.write_json(config["metrics"], metrics)
+    if rank != 0:
+        return
+    extra = {"epoch": len(history), "history": history, "best": best, "align": dataclasses.asdict(ac)}
+    _save(model, config["last"], enc, ac, extra, optimizer)  # the open_clip checkpoints, once per run
+    _load_trained(model, best_state)
+    _save(model, config["best"], enc, ac, dict(extra, epoch=max(history, key=lambda h: h["val_r10"])["epoch"]))
+    # step 4: the test pairs, best/ against the towers before alignment
+    test = _load_all(ray.train.get_dataset_shard("test")) if config["test_rows"] else {}
+    tokenize = align.tokenizer(enc, ac)
+    metrics = {"test_pairs": len(test.get("group", [])), "pool": "test products"}
+    for name, state in (("aligned", best_state), ("unaligned", before)):
+        _load_trained(model, state)
+        metrics[name] = score_towers(towers, test, config["prompts"], tokenize) if metrics["test_pairs"] else {}
+    storage.write_json(config["metrics"], metrics)
+
+
+def _load_trained(model, state: dict) -> None:
+    """Copy the trained parameters of ``state`` (name -> tensor) into ``model``."""
+    import torch
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in state:
+                p.copy_(state[n])
 
 
 def finished(workdir: str, epochs: int) -> bool:
@@ -465,7 +485,8 @@ def train_towers(workdir: str, cfg: Config, tree: CategoryTree, counts: dict, lo
         train_loop_config={"encoders": dataclasses.asdict(enc), "align": dataclasses.asdict(ac), "seed": cfg.data.seed,
                            "cached": cached, "image_size": image_preprocess_spec(enc)[0], "batch": batch,
                            "in_memory": in_memory, "last": align_dir(workdir, "last"),
-                           "best": align_dir(workdir, "best"), "metrics": align_dir(workdir, "metrics.json"),
+                           "best": align_dir(workdir, "best"), "resume": align_dir(workdir, "resume.pt"),
+                           "metrics": align_dir(workdir, "metrics.json"),
                            "test_rows": counts["test"] > 0,
                            "prompts": [[enc.clip_prompt.format(tree.nodes[c].name) for c in cats] for cats in by_depth],
                            "fail_at_epoch": int(os.environ.get(FAIL_AT_EPOCH_ENV, -1)),

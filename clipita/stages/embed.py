@@ -35,7 +35,7 @@ from clipita.config import Config, EmbedConfig, EncoderConfig
 from clipita.images import ImageError, load_image
 from clipita.runtime import Every, node_cores
 from clipita.tree import CategoryTree, category_id, query_text
-from clipita.vectors import vector_column
+from clipita.vectors import vector_column, vectors
 from clipita.workdir import (align_dir, catalog_record, categories_file, encoders_record, features_dir,
                              product_features_dir, quarantine_dir, stage_stats)
 
@@ -188,6 +188,51 @@ class ReadParts:
             np.zeros((0, self.size, self.size, 3), np.uint8)))
 
 
+class CachedParts:
+    """CPU stage replacing ReadParts where jobs.align cached the part with its locked image trunk's outputs: one
+    part in -> its rows (the cache's usable ones, then its quarantined ones with their reasons), the trunk outputs
+    in a ``trunk`` column instead of pixels. No image is fetched or decoded again."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        tables = []
+        for name in batch["name"]:
+            uri = align_dir(self.workdir, "cache", f"{name}.parquet")
+            cache = pq.read_table(storage.filesystem(uri)[1], filesystem=storage.arrow_filesystem(uri)[0])
+            bad = storage.read_json(align_dir(self.workdir, "cache", f"{name}.json"))["quarantine"]
+            n, width = cache.num_rows, cache.schema.field("image_in").type.list_size
+            out = {c: cache.column(c).to_pylist() for c in PRODUCT_COLUMNS}
+            for row in bad:
+                row = dict(row, title="", attributes=[], category_path=[], image="")
+                for c in PRODUCT_COLUMNS:
+                    out[c].append(row[c])
+            out.update(part=[name] * (n + len(bad)), reason=[""] * n + [r["reason"] for r in bad],
+                       source=[""] * n + [r["source"] for r in bad])
+            trunk = np.concatenate([vectors(cache.column("image_in")), np.zeros((len(bad), width), np.float32)])
+            tables.append(pa.table(out, schema=ROW_SCHEMA).append_column("trunk", vector_column(trunk)))
+        return pa.concat_tables(tables)
+
+
+def from_align_cache(workdir: str, enc: EncoderConfig, todo: list[Part]) -> bool:
+    """Whether every part to embed is in jobs.align's cache with the outputs of the locked image trunk of the
+    towers embed runs (align/best of this workdir, trained with align.image_train=lock on a timm trunk)."""
+    import json
+
+    from clipita.encoders import CONFIG_FILE, aligned_folder
+
+    folder = aligned_folder(enc.image_pretrained) if enc.image_pretrained == align_dir(workdir, "best") else None
+    if not folder:
+        return False
+    with open(f"{folder}/{CONFIG_FILE}") as f:
+        record = json.load(f)
+    if record["clipita"].get("align", {}).get("image_train") != "lock" or \
+            "timm_model_name" not in record["model_cfg"]["vision_cfg"]:
+        return False
+    return all(storage.exists(align_dir(workdir, "cache", f"{p.name}.parquet")) for p in todo)
+
+
 PRODUCT_COLUMNS = ("product_id", "title", "attributes", "category_path", "image")
 ROW_SCHEMA = catalog.SCHEMA.append(pa.field("part", pa.string())).append(pa.field("reason", pa.string())) \
     .append(pa.field("source", pa.string()))
@@ -227,14 +272,16 @@ class EmbedParts:
         image = np.zeros((n, self.image.dim), self.dtype)
         title = np.zeros((n, self.text.dim), self.dtype)
         attrs = np.zeros((n, self.text.dim), self.dtype)
-        if ok.any():
+        if ok.any() and "trunk" in rows.column_names:  # CachedParts: the locked trunk ran in jobs.align
+            image[ok] = self.image.encode_trunk(vectors(rows.column("trunk"))[ok])
+        elif ok.any():
             pixels = rows.column("pixels").combine_chunks().to_numpy()
             image[ok] = self.image.encode(pixels[ok], self.image_batch)
             title[ok] = self.text.encode([t for t, k in zip(rows.column("title").to_pylist(), ok) if k],
                                          self.batch_size)
             attrs[ok] = self.text.encode_attributes(
                 [a for a, k in zip(rows.column("attributes").to_pylist(), ok) if k], self.batch_size)
-        out = rows.drop_columns(["pixels"])
+        out = rows.drop_columns([c for c in ("pixels", "trunk") if c in rows.column_names])
         for name, values in (("image_emb", image), ("title_emb", title), ("attr_emb", attrs)):
             out = out.append_column(name, vector_column(values))
         return out
@@ -373,9 +420,14 @@ def run_embed(catalog_root: str, workdir: str, cfg: Config, log=print) -> dict:
         items = [{"name": p.name, "file": p.file, "start": p.start, "stop": p.stop} for p in todo]
         expected = {p.name: p.stop - p.start for p in todo}
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(ReadParts, batch_size=1, fn_constructor_args=(catalog_root, dups, image_size, ec),
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(ec.read_workers, len(todo))),
-                            num_cpus=ec.read_cpus or (1.0 if ec.gpus_per_actor else 0.25))
+        readers = ray.data.ActorPoolStrategy(min_size=1, max_size=min(ec.read_workers, len(todo)))
+        if from_align_cache(workdir, cfg.encoders, todo):
+            log("embed: image features from jobs.align's cache of the locked image trunk (no image decoded again)")
+            ds = ds.map_batches(CachedParts, batch_size=1, fn_constructor_args=(workdir,), compute=readers,
+                                num_cpus=0.25)
+        else:
+            ds = ds.map_batches(ReadParts, batch_size=1, fn_constructor_args=(catalog_root, dups, image_size, ec),
+                                compute=readers, num_cpus=ec.read_cpus or (1.0 if ec.gpus_per_actor else 0.25))
         ds = ds.map_batches(EmbedParts, batch_size=None, fn_constructor_args=(workdir, cfg.encoders, ec, expected),
                             batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(min_size=ec.min_actors, max_size=ec.max_actors),
