@@ -17,6 +17,7 @@ from clipita.stages import align as stage
 from clipita.stages.embed import run_embed
 from clipita.stages.train import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV
 from clipita.storage import read_parquet_dir
+from clipita.vectors import vectors
 from conftest import OFFLINE_CONFIG
 from test_embed import corrupt
 
@@ -98,6 +99,21 @@ def test_resumes_after_a_worker_dies_and_the_cache_matches_the_embedding(ray_ses
     again = stage.run_align(root, workdir, cfg, log=lambda *_: None)
     assert again["read"] == stats["read"] and os.path.getmtime(
         f"{workdir}/align/last/open_clip_pytorch_model.bin") == mtime
+
+    # jobs.embed from the cache (no image decoded) writes the features it writes from the pixels
+    cached_lines = []
+    run_embed(root, workdir, cfg, log=cached_lines.append)
+    assert any("from jobs.align's cache" in line for line in cached_lines)
+    other = str(tmp_path / "pixels")
+    run_embed(root, other, load_config(OFFLINE_CONFIG, {**SMALL, "encoders.image_pretrained": f"{workdir}/align/best"}),
+              log=lambda *_: None)
+    a, b = (read_parquet_dir(f"{w}/features/products").sort_by("product_id") for w in (workdir, other))
+    assert a.column("product_id").to_pylist() == b.column("product_id").to_pylist()
+    for column in ("image_emb", "title_emb", "attr_emb"):
+        x, y = (vectors(t.column(column)) for t in (a, b))
+        norms = np.linalg.norm(x, axis=1)  # attributes: the mean of unit vectors
+        assert (np.allclose(norms, 1, atol=1e-2) if column != "attr_emb" else (norms > 0.3).all()), column
+        np.testing.assert_allclose(x, y, atol=2e-3, err_msg=column)  # float16 storage
 
     # the cached locked trunk through the aligned projection is what ImageEncoder computes from the pixels
     enc = load_config(OFFLINE_CONFIG, {"encoders.image_pretrained": f"{workdir}/align/best"}).encoders

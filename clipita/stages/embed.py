@@ -277,6 +277,7 @@ class EmbedParts:
         elif ok.any():
             pixels = rows.column("pixels").combine_chunks().to_numpy()
             image[ok] = self.image.encode(pixels[ok], self.image_batch)
+        if ok.any():
             title[ok] = self.text.encode([t for t, k in zip(rows.column("title").to_pylist(), ok) if k],
                                          self.batch_size)
             attrs[ok] = self.text.encode_attributes(
