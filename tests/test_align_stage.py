@@ -100,6 +100,11 @@ def test_resumes_after_a_worker_dies_and_the_cache_matches_the_embedding(ray_ses
     assert again["read"] == stats["read"] and os.path.getmtime(
         f"{workdir}/align/last/open_clip_pytorch_model.bin") == mtime
 
+    # a re-run asking for other texts must not mix its pairs with these
+    with pytest.raises(ValueError, match="holds alignment of other towers, texts or modes"):
+        stage.run_align(root, workdir, load_config(OFFLINE_CONFIG, {**SMALL, "align.text": "title+attributes"}),
+                        log=lambda *_: None)
+
     # jobs.embed from the cache (no image decoded) writes the features it writes from the pixels
     cached_lines = []
     run_embed(root, workdir, cfg, log=cached_lines.append)

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from clipita import catalog, storage
 from clipita.config import AlignConfig, Config, EncoderConfig
-from clipita.features import write_split
+from clipita.features import split_params, write_split
 from clipita.runtime import Every, node_cores
 from clipita.streams import FeatureSource, products_dataset
 from clipita.tree import CategoryTree, Labeler, category_id, unit_hash
@@ -165,6 +165,19 @@ def cache_parts(catalog_root: str, workdir: str, cfg: Config, log=print) -> tupl
     labeler = Labeler.build(tree, d.seed, d.val_fraction, d.test_fraction, d.unseen_fraction,
                             unseen_val_fraction=d.val_holdout_fraction)
     write_split(workdir, labeler, d)
+    # what the cached rows depend on: a re-run with other towers, text or modes must not mix them with these
+    from clipita import align
+
+    mc = align.model_config(cfg.encoders, ac)
+    record = {"encoders": dataclasses.asdict(cfg.encoders), "text": ac.text, "text_tower": align.text_tower(
+        cfg.encoders, ac), "embed_dim": ac.embed_dim, "part_rows": ec.part_rows, "split": split_params(d),
+        "image_cached": ac.image_train == "lock" and "timm_model_name" in mc["vision_cfg"],
+        "text_cached": ac.text_train == "lock" and bool(mc.get("custom_text"))}
+    recorded = align_dir(workdir, "cache", "config.json")
+    if storage.exists(recorded) and storage.read_json(recorded) != record:
+        raise ValueError(f"{align_dir(workdir)} holds alignment of other towers, texts or modes ({recorded}): use a "
+                         "new workdir, or delete its align/ folder")
+    storage.write_json(recorded, record)
     done = {f.rsplit("/", 1)[-1][:-len(".parquet")] for f in storage.parquet_files(align_dir(workdir, "cache"))}
     todo = [p for p in parts if p.name not in done]
     log(f"align: {len(parts)} parts ({sum(p.stop - p.start for p in parts)} rows) in {catalog_root}; "
@@ -442,12 +455,11 @@ def finished(workdir: str, epochs: int) -> bool:
 
 
 def train_towers(workdir: str, cfg: Config, tree: CategoryTree, counts: dict, log=print) -> None:
-    """Steps 3-4: Ray Train over the cached train pairs, to align.epochs (resuming from last/); then rank 0 scores
+    """Steps 3-4: Ray Train over the cached train pairs, to align.epochs (resuming from resume.pt); then rank 0 scores
     the test pairs into align/metrics.json."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from clipita import align
     from clipita.encoders import image_preprocess_spec
     from clipita.stages.train import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV
 
@@ -459,11 +471,12 @@ def train_towers(workdir: str, cfg: Config, tree: CategoryTree, counts: dict, lo
                          f"(each needs two pairs a batch); add products or set align.enabled=false")
     if batch < ac.batch_size:
         log(f"align: the train split has {n_train} pairs: global batch {batch} (align.batch_size {ac.batch_size})")
-    files = storage.parquet_files(align_dir(workdir, "cache"))
+    # parts with no usable row hold an empty file whose vector columns have no width: left out of the streams
+    files = [f for f in storage.parquet_files(align_dir(workdir, "cache"))
+             if pq.read_metadata(storage.filesystem(f)[1], filesystem=storage.arrow_filesystem(f)[0]).num_rows]
     source = FeatureSource(files, ["product_id", "split", "group", "image_in", "text_in", "category_path"])
-    mc = align.model_config(enc, ac)  # what the model will be, without building it here
-    cached = {"image": ac.image_train == "lock" and "timm_model_name" in mc["vision_cfg"],
-              "text": ac.text_train == "lock" and bool(mc.get("custom_text"))}
+    record = storage.read_json(align_dir(workdir, "cache", "config.json"))  # what cache_parts cached
+    cached = {"image": record["image_cached"], "text": record["text_cached"]}
     depths = max(n.depth for n in tree.nodes.values())
     by_depth = [sorted(c for c, n in tree.nodes.items() if n.depth == d) for d in range(1, depths + 1)]
     number = {c: i for cats in by_depth for i, c in enumerate(cats)}
@@ -471,8 +484,8 @@ def train_towers(workdir: str, cfg: Config, tree: CategoryTree, counts: dict, lo
     in_memory = n_train / ac.workers * row_bytes <= CACHE_MB * 2**20
     train_ds = products_dataset(source, cfg.data.stream_mb, _rows("train"))
     val_ds = products_dataset(source, cfg.data.stream_mb, _rows("val", min(1.0, ac.eval_rows / n_val), cfg.data.seed))
-    test_ds = products_dataset(source, cfg.data.stream_mb, _rows("test", min(1.0, ac.eval_rows / max(1, counts["test"])),
-                                                                 cfg.data.seed, number, depths))
+    test_share = min(1.0, ac.eval_rows / max(1, counts["test"]))
+    test_ds = products_dataset(source, cfg.data.stream_mb, _rows("test", test_share, cfg.data.seed, number, depths))
     log(f"align: {ac.image_train}/{ac.text_train} (image/text), {'cached' if cached['image'] else 'streamed'} "
         f"image inputs, {n_train} train / "
         f"{min(n_val, ac.eval_rows)} val pairs, {ac.workers} workers x batch {batch // ac.workers}, {ac.epochs} epochs")
