@@ -36,9 +36,13 @@ QUARANTINE_SCHEMA = pa.schema([("product_id", pa.string()), ("reason", pa.string
 REJECTS_FILE = "conversion_rejects.parquet"  # a converter's (jobs.xmarket, jobs.icons) rows it did not take
 
 
-def write_converted(out: str, products: list[dict], rejects: list[dict]) -> None:
-    """A converter's output: ``<out>/products.parquet`` (SCHEMA) and ``<out>/REJECTS_FILE`` (QUARANTINE_SCHEMA)."""
-    storage.write_parquet(storage.join(out, "products.parquet"), pa.Table.from_pylist(products, schema=SCHEMA))
+def write_converted(out: str, products: list[dict], rejects: list[dict], extra: tuple[str, ...] = ()) -> None:
+    """A converter's output: ``<out>/products.parquet`` (SCHEMA, and the optional string columns ``extra`` such as
+    ``group_id``) and ``<out>/REJECTS_FILE`` (QUARANTINE_SCHEMA)."""
+    schema = SCHEMA
+    for name in extra:
+        schema = schema.append(pa.field(name, pa.string()))
+    storage.write_parquet(storage.join(out, "products.parquet"), pa.Table.from_pylist(products, schema=schema))
     storage.write_parquet(storage.join(out, REJECTS_FILE), pa.Table.from_pylist(rejects, schema=QUARANTINE_SCHEMA))
 
 

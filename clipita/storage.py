@@ -132,12 +132,17 @@ def write_parquet(uri: str, table) -> None:
 
 
 def parquet_files(uri: str) -> list[str]:
-    """URIs of the parquet files directly under a folder, in name order ([] when it does not exist)."""
+    """URIs of the parquet files directly under a folder, in name order ([] when it does not exist). Always a fresh
+    listing: s3fs caches listings, and a cached one would hide files other processes wrote since, or make a file
+    written since look missing to later reads."""
     fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
     try:
         files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
     except FileNotFoundError:
         return []
+    finally:
+        fs.invalidate_cache(path)  # nor is this listing kept
     prefix = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
     return [prefix + f for f in files]
 

@@ -133,6 +133,20 @@ def test_gzipped_single_file_without_images_keeps_urls(tmp_path):
     assert rejects(out)["metadata_us_Electronics.json.gz#20"] == ("B0NOIMAGE1", "no image: no imgUrl/imUrl")
 
 
+def test_the_same_asin_in_another_market_is_a_listing_of_its_group(tmp_path):
+    (tmp_path / "us").mkdir()
+    (tmp_path / "de").mkdir()
+    shutil.copy(ELECTRONICS, tmp_path / "us" / "metadata_us_Electronics.json")
+    shutil.copy(ELECTRONICS, tmp_path / "de" / "metadata_de_Electronics.json")
+    out = str(tmp_path / "catalog")
+    summary = xmarket.convert(str(tmp_path), out, log=lambda *_: None)
+    rows = {r["product_id"]: r for r in pq.read_table(os.path.join(out, "products.parquet")).to_pylist()}
+    assert summary["products"] == 28 and len(rows) == 28  # the 14 products, listed in both markets
+    assert rows["B000023VW2@us"]["group_id"] == rows["B000023VW2"]["group_id"] == "B000023VW2"  # de sorts first
+    assert rows["B000023VW2@us"]["title"] == rows["B000023VW2"]["title"]
+    assert all(r["group_id"] == pid.split("@")[0] for pid, r in rows.items())
+
+
 def test_unit_mapping_rules():
     assert xmarket.image_urls({"imgUrl": '{"https://a/s.jpg": [10, 10], "https://a/l.jpg": [20, 30], '
                                          '"https://a/t.jpg": [20, 30]}'}) == ["https://a/l.jpg", "https://a/t.jpg",

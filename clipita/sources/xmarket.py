@@ -26,7 +26,10 @@ Mapping (one output row per input line, or one reject with its reason):
   is one URL.
 Text is HTML-unescaped (older dumps carry "&amp;") and whitespace-collapsed. Lines are JSON; XMarket's own reading
 example evaluates lines as Python literals, so those are accepted too (``ast.literal_eval``, never ``eval``).
-A repeated asin (the same product in two category files) keeps its first row; later rows are rejects.
+A repeated asin within one market (the same product in two category files) keeps its first row; later rows are
+rejects. The same asin in another market (``metadata_<market>_...``) is that product's listing there: product_id
+``<asin>@<market>``; every row's ``group_id`` is its asin, so jobs.align treats a product's listings across
+markets as one product (``align.groups``).
 Rejects go to ``<out>/conversion_rejects.parquet`` (product_id, reason, source = ``file#line``), never dropped;
 a reason reads "<kind>: <detail>" with kind one of: malformed line, missing asin, malformed asin, duplicate asin,
 no categories, blank name in categories, no image, image copy failed.
@@ -195,11 +198,14 @@ def convert(metadata: str, out: str, images: str | None = None, workers: int = 1
     index = image_index(images) if images else {}
     products: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
-    first_seen: dict[str, str] = {}
+    first_seen: dict[tuple[str, str], str] = {}  # (asin, market) -> its source
+    source_of: dict[str, str] = {}  # product_id -> source
+    markets: dict[str, str] = {}  # asin -> the market of its first listing
     copies: list[tuple[int, str, str]] = []  # (row in products, source image URI, destination URI)
     read = 0
     for uri in files:
         name = uri.rsplit("/", 1)[-1]
+        market = name.split("_")[1] if name.count("_") >= 2 else ""
         for number, line in read_lines(uri):
             read += 1
             source, asin = f"{name}#{number}", None
@@ -211,8 +217,8 @@ def convert(metadata: str, out: str, images: str | None = None, workers: int = 1
                     raise Reject("missing asin")
                 if not _ASIN.match(asin):
                     raise Reject(f"malformed asin: {asin[:40]!r}")
-                if asin in first_seen:
-                    raise Reject(f"duplicate asin: first kept at {first_seen[asin]}")
+                if (asin, market) in first_seen:
+                    raise Reject(f"duplicate asin: first kept at {first_seen[asin, market]}")
                 path = category_path(record)
                 urls = image_urls(record)
                 found = local_image(asin, urls, index) if index else None
@@ -221,22 +227,25 @@ def convert(metadata: str, out: str, images: str | None = None, workers: int = 1
             except Reject as e:
                 rejects.append({"product_id": asin, "reason": str(e), "source": source})
                 continue
-            first_seen[asin] = source
-            image = urls[0] if found is None else f"images/{asin}{os.path.splitext(found)[1].lower()}"
+            first_seen[asin, market] = source
+            pid = asin if markets.setdefault(asin, market) == market else f"{asin}@{market}"
+            source_of[pid] = source
+            image = urls[0] if found is None else f"images/{pid}{os.path.splitext(found)[1].lower()}"
             if found is not None:
                 copies.append((len(products), found, storage.join(out, image)))
-            products.append({"product_id": asin, "title": clean(record.get("title") or ""),
-                             "attributes": attributes(record), "category_path": path, "image": image})
+            products.append({"product_id": pid, "title": clean(record.get("title") or ""),
+                             "attributes": attributes(record), "category_path": path, "image": image,
+                             "group_id": asin})
         log(f"xmarket: {name}: {read:,} lines read so far, {len(products):,} products, {len(rejects):,} rejects")
 
     failed = _copy_images(copies, workers)
     for row in sorted(failed, reverse=True):  # delete from the end so earlier row numbers stay valid
         p = products.pop(row)
-        rejects.append({"product_id": p["product_id"], "reason": failed[row], "source": first_seen[p["product_id"]]})
+        rejects.append({"product_id": p["product_id"], "reason": failed[row], "source": source_of[p["product_id"]]})
     if copies:
         log(f"xmarket: copied {len(copies) - len(failed):,} images to {storage.join(out, 'images')}")
 
-    write_converted(out, products, rejects)
+    write_converted(out, products, rejects, extra=("group_id",))
     return {"files": len(files), "read": read, "products": len(products), "rejected": len(rejects),
             "reasons": reason_counts(rejects),
             "images_copied": len(copies) - len(failed), "image_urls": sum("://" in p["image"] for p in products),
