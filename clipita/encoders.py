@@ -47,7 +47,8 @@ ALIGNED_CACHE = Path(os.environ.get("CLIPITA_CACHE", Path.home() / ".cache" / "c
 
 def aligned_folder(pretrained: str) -> str | None:
     """The local folder of an aligned checkpoint (jobs.align's ``save_checkpoint``) that ``pretrained`` names, an
-    object-store one copied into ALIGNED_CACHE first (keyed by its URI and weights' size); None when it is none."""
+    object-store one copied into ALIGNED_CACHE first (keyed by its URI and the weights file's ETag, modification
+    time and size: a folder written again is copied again); None when it is none."""
     from clipita import storage
 
     if not pretrained or pretrained.startswith("pkg:"):
@@ -57,9 +58,11 @@ def aligned_folder(pretrained: str) -> str | None:
     if not storage.exists(storage.join(pretrained, CONFIG_FILE)):
         return None
     fs, path = storage.filesystem(pretrained)
+    fs.invalidate_cache(path)
     files = {f.rsplit("/", 1)[-1]: f for f in fs.ls(path, detail=False)}
-    size = fs.size(files[WEIGHTS_FILE]) if WEIGHTS_FILE in files else 0
-    local = ALIGNED_CACHE / f"{zlib.crc32(f'{pretrained} {size}'.encode()):08x}"
+    info = fs.info(files[WEIGHTS_FILE]) if WEIGHTS_FILE in files else {}
+    version = " ".join(str(info.get(k)) for k in ("ETag", "LastModified", "size"))
+    local = ALIGNED_CACHE / f"{zlib.crc32(f'{pretrained} {version}'.encode()):08x}"
     if not (local / CONFIG_FILE).exists():
         tmp = local.with_suffix(f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
