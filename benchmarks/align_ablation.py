@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import math
 import os
 import sys
 import time
@@ -58,9 +57,7 @@ def run(cfg, ac, train, val, epochs: int, seed: int = 0) -> dict:
     tr = {"image_in": train["image_in"], "text_in": text_in(train["text"]), "group": train["group"]}
     va = {"image_in": val["image_in"], "text_in": text_in(val["text"]), "group": val["group"]}
     towers = _Towers(model, cfg.encoders, cached, torch.device("cpu"), 224)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": ac.weight_decay},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=ac.lr)
+    opt = align.make_optimizer(model, ac)
     step = align.GradCacheStep(model, ContrastiveLoss(0.5, label_mask=ac.groups == "mask", gather=False), ac.chunk,
                                towers.image, towers.text)
     curve, pairs, seconds = [], 0, 0.0
@@ -69,12 +66,7 @@ def run(cfg, ac, train, val, epochs: int, seed: int = 0) -> dict:
         perm = np.random.default_rng([seed, epoch]).permutation(n)
         t0 = time.time()
         for s in range(0, n - b + 1, b):
-            img, txt, grp = towers.tensors({k: v[perm[s:s + b]] for k, v in tr.items()})
-            opt.zero_grad(set_to_none=True)
-            step(img, txt, grp)
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
+            align.train_step(model, step, opt, *towers.tensors({k: v[perm[s:s + b]] for k, v in tr.items()}))
             pairs += b
         seconds += time.time() - t0
         vi, vt, vg = towers.embed(va)

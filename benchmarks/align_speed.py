@@ -27,23 +27,17 @@ import open_clip  # noqa: E402
 
 from clipita import align  # noqa: E402
 from clipita.config import load_config  # noqa: E402
-from clipita.encoders import image_preprocess_spec  # noqa: E402
+from clipita.encoders import PixelNormalizer, image_preprocess_spec  # noqa: E402
 from clipita.images import load_image  # noqa: E402
 from clipita.loss import ContrastiveLoss  # noqa: E402
 from clipita.stages.align import _Towers  # noqa: E402
-
-
-def optimizer(model, ac):
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": ac.weight_decay},
-                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=ac.lr)
 
 
 def bare(cfg, ac, x, tokens, epochs: int) -> float:
     model = align.build_model(cfg.encoders, ac)
     align.set_trainable(model, ac.image_train, ac.text_train)
     model.eval()
-    opt, loss_fn, b = optimizer(model, ac), open_clip.ClipLoss(), ac.batch_size
+    opt, loss_fn, b = align.make_optimizer(model, ac), open_clip.ClipLoss(), ac.batch_size
     t0 = time.perf_counter()
     for _ in range(epochs):
         for s in range(0, len(x) - b + 1, b):
@@ -66,15 +60,13 @@ def clipita(cfg, ac, pixels, x, tokens, epochs: int) -> float:
             "text_in": align.trunk_features(model, "text", align.trim_padding(tokens)).numpy() if cached["text"]
             else tokens.numpy(), "group": np.arange(len(x))}
     towers = _Towers(model, cfg.encoders, cached, torch.device("cpu"), pixels.shape[1])
-    opt, b = optimizer(model, ac), ac.batch_size
+    opt, b = align.make_optimizer(model, ac), ac.batch_size
     step = align.GradCacheStep(model, ContrastiveLoss(0.5, label_mask=False, gather=False), ac.chunk, towers.image,
                                towers.text)
     for _ in range(epochs):
         for s in range(0, len(x) - b + 1, b):
             img, txt, _ = towers.tensors({k: v[s:s + b] for k, v in rows.items()})
-            opt.zero_grad(set_to_none=True)
-            step(img, txt)
-            opt.step()
+            align.train_step(model, step, opt, img, txt)
     return epochs * (len(x) // b) * b / (time.perf_counter() - t0)
 
 
@@ -87,10 +79,9 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(args.config)
     rows = pq.read_table(os.path.join(args.catalog, "products.parquet")).to_pylist()[:args.pairs]
-    size, mean, std = image_preprocess_spec(cfg.encoders)
+    size = image_preprocess_spec(cfg.encoders)[0]
     pixels = np.stack([load_image(open(os.path.join(args.catalog, r["image"]), "rb").read(), size) for r in rows])
-    x = (torch.tensor(pixels).permute(0, 3, 1, 2).float().div(255) - torch.tensor(mean).view(1, 3, 1, 1)) / \
-        torch.tensor(std).view(1, 3, 1, 1)
+    x = PixelNormalizer(cfg.encoders)(torch.tensor(pixels))
     tokens = align.tokenizer(cfg.encoders, cfg.align)([r["title"] for r in rows])
     print(f"{len(rows)} pairs, {args.epochs} epochs, torch threads {torch.get_num_threads()}, "
           f"batch {min(cfg.align.batch_size, len(rows))}; pairs/s")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -43,9 +44,10 @@ import torch.nn.functional as F
 
 from clipita import pretrained as package_weights
 from clipita.config import ALIGN_MODES, AlignConfig, EncoderConfig
-from clipita.encoders import (CONFIG_FILE, WEIGHTS_FILE, _open_clip_configs, _quiet_load,
-                              _sentence_transformers_layout, _text_model_folder, create_image_model,
-                              image_preprocess_spec)
+from clipita.aligned import CONFIG_FILE, WEIGHTS_FILE, quiet_load, quiet_transformers
+from clipita.aligned import load_checkpoint  # noqa: F401 - re-exported: align's API loads what it saves
+from clipita.encoders import (_open_clip_configs, _sentence_transformers_layout, _text_model_folder,
+                              create_image_model, image_preprocess_spec)
 
 
 class AlignError(RuntimeError):
@@ -80,7 +82,7 @@ def model_config(enc: EncoderConfig, cfg: AlignConfig) -> dict:
 def build_model(enc: EncoderConfig, cfg: AlignConfig, seed: int = 0) -> nn.Module:
     """The model alignment starts from, with the configured pre-trained weights in both towers, in eval mode."""
     _, tag_cfg = _open_clip_configs(enc)  # checks the name and weights, one-line errors
-    with torch.random.fork_rng(devices=[]), _quiet_load(random_init=True), _quiet_transformers():
+    with torch.random.fork_rng(devices=[]), quiet_load(random_init=True), quiet_transformers():
         torch.manual_seed(seed)
         if text_tower(enc, cfg) == "own":
             model = create_image_model(enc, tag_cfg)
@@ -96,20 +98,6 @@ def build_model(enc: EncoderConfig, cfg: AlignConfig, seed: int = 0) -> nn.Modul
     with torch.no_grad():
         model.logit_scale.fill_(float(torch.log(torch.tensor(1.0 / cfg.tau))))
     return model.eval()  # BatchNorm on its ImageNet statistics everywhere (train_mode keeps it so in training)
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Without transformers' WARNING load report: open_clip builds the HF encoder without its pooling layer (the
-    tower mean-pools), so the folder's pooler weights are "unexpected" by design on every build."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 # ------------------------------------------------------------------------------------------ what trains
@@ -169,6 +157,26 @@ def train_mode(model: nn.Module, dropout: bool = False) -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
     return model
+
+
+def make_optimizer(model: nn.Module, cfg: AlignConfig) -> torch.optim.AdamW:
+    """AdamW over what trains (set_trainable): weight decay on matrices, none on biases, norms and the temperature."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def train_step(model: nn.Module, step: "GradCacheStep", optimizer, images, texts, groups=None,
+               autocast=None) -> float:
+    """One optimisation step over a global batch: the GradCache gradient (under ``autocast`` when given), the
+    optimiser's step, the temperature kept at most 100 (CLIP's clamp). Returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast or contextlib.nullcontext():
+        loss = step(images, texts, groups)
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return loss
 
 
 # ---------------------------------------------------------------------------------------------- GradCache
@@ -302,22 +310,6 @@ def save_checkpoint(model: nn.Module, directory: str, enc: EncoderConfig, cfg: A
     os.replace(tmp, out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(record, indent=2))
     return str(out)
-
-
-def load_checkpoint(directory: str) -> nn.Module:
-    """The aligned model of a ``save_checkpoint`` folder. An HF text tower is built from the folder where it is now
-    (the record names the folder it was written to), so a copied folder loads too; its tokenizer is open_clip's
-    ``get_tokenizer(f"local-dir:{directory}")``."""
-    mc = json.loads((Path(directory) / CONFIG_FILE).read_text())["model_cfg"]
-    with _quiet_load(random_init=True), _quiet_transformers():
-        if not mc.get("custom_text"):
-            return open_clip.create_model(f"local-dir:{directory}").eval()
-        folder = str(Path(directory).resolve())
-        text_cfg = dict(mc["text_cfg"], hf_model_name=folder, hf_tokenizer_name=folder, hf_model_pretrained=False)
-        model = open_clip.CustomTextCLIP(embed_dim=mc["embed_dim"], vision_cfg=mc["vision_cfg"], text_cfg=text_cfg)
-    state = torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
 
 
 def tokenizer(enc: EncoderConfig, cfg: AlignConfig):

@@ -20,14 +20,10 @@ naming it and saying how to point at a local copy.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import io
 import json
-import logging
 import os
-import shutil
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,43 +31,14 @@ import numpy as np
 import open_clip
 import torch
 from clipita import pretrained as package_weights
+from clipita.aligned import CONFIG_FILE, aligned_folder, load_checkpoint, quiet_load
 from clipita.config import EncoderConfig
 from clipita.images import ImageError, load_image  # noqa: F401 - re-exported: the decode half of the image encoder
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 RANDOM_INIT_SEED = 0  # image_pretrained "": every load builds the same weights
-CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_pytorch_model.bin"  # an aligned checkpoint folder
-ALIGNED_CACHE = Path(os.environ.get("CLIPITA_CACHE", Path.home() / ".cache" / "clipita")) / "aligned"
 
-
-def aligned_folder(pretrained: str) -> str | None:
-    """The local folder of an aligned checkpoint (jobs.align's ``save_checkpoint``) that ``pretrained`` names, an
-    object-store one copied into ALIGNED_CACHE first (keyed by its URI and the weights file's ETag, modification
-    time and size: a folder written again is copied again); None when it is none."""
-    from clipita import storage
-
-    if not pretrained or pretrained.startswith("pkg:"):
-        return None
-    if not storage.is_remote(pretrained):
-        return pretrained if os.path.isfile(os.path.join(pretrained, CONFIG_FILE)) else None
-    if not storage.exists(storage.join(pretrained, CONFIG_FILE)):
-        return None
-    fs, path = storage.filesystem(pretrained)
-    fs.invalidate_cache(path)
-    files = {f.rsplit("/", 1)[-1]: f for f in fs.ls(path, detail=False)}
-    info = fs.info(files[WEIGHTS_FILE]) if WEIGHTS_FILE in files else {}
-    version = " ".join(str(info.get(k)) for k in ("ETag", "LastModified", "size"))
-    local = ALIGNED_CACHE / f"{zlib.crc32(f'{pretrained} {version}'.encode()):08x}"
-    if not (local / CONFIG_FILE).exists():
-        tmp = local.with_suffix(f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for name, f in files.items():
-            (tmp / name).write_bytes(fs.cat_file(f))
-        if not local.exists():  # another process may have copied it meanwhile
-            os.replace(tmp, local)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(local)
 
 
 class EncoderLoadError(RuntimeError):
@@ -160,39 +127,12 @@ def _normalized(x: torch.Tensor) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- encoders
 
-class _DropRandomInitNotice(logging.Filter):
-    """open_clip logs a root-logger WARNING for every model built without weights; with ``image_pretrained: ""``
-    random weights are what the config asks for (the offline demo and tests), not a problem to warn about."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No pretrained weights loaded for model")
-
-
-@contextlib.contextmanager
-def _quiet_load(random_init: bool):
-    """Model loading without transformers' per-load "Loading weights" bar (one per encoder actor and Serve replica)
-    and, for a random init asked for, without open_clip's warning about it."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    notice = _DropRandomInitNotice()
-    if random_init:
-        logging.getLogger().addFilter(notice)
-    try:
-        yield
-    finally:
-        logging.getLogger().removeFilter(notice)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def create_image_model(cfg: EncoderConfig, tag_cfg: dict) -> torch.nn.Module:
     """The configured open_clip model with its weights (a tag's, a file's, a package's image trunk, or the seeded
     random init); ``tag_cfg`` as ``_open_clip_configs`` returns it. Errors are one-line EncoderLoadErrors."""
     if tag_cfg.get("aligned"):
-        from clipita.align import load_checkpoint  # clipita.align builds on this module
-
         return load_checkpoint(tag_cfg["aligned"])
     package = tag_cfg.get("package")
     checkpoint = "" if package else cfg.image_pretrained
@@ -205,7 +145,7 @@ def create_image_model(cfg: EncoderConfig, tag_cfg: dict) -> torch.nn.Module:
                 "them where there is network and set encoders.image_pretrained to the checkpoint file") from None
     try:
         # seeded init without touching the caller's RNG
-        with torch.random.fork_rng(devices=[]), _quiet_load(random_init=not checkpoint):
+        with torch.random.fork_rng(devices=[]), quiet_load(random_init=not checkpoint):
             torch.manual_seed(RANDOM_INIT_SEED)
             # A tag trained with QuickGELU needs it in the architecture too (open_clip only warns).
             model = open_clip.create_model(cfg.image_model, pretrained=checkpoint or None,
@@ -217,6 +157,19 @@ def create_image_model(cfg: EncoderConfig, tag_cfg: dict) -> torch.nn.Module:
         raise EncoderLoadError(f"cannot load image weights {cfg.image_pretrained!r} into {cfg.image_model!r}: "
                                f"{str(e).splitlines()[0][:200]}") from None
     return model
+
+
+class PixelNormalizer:
+    """uint8 ``(B, S, S, 3)`` pixels (a tensor) -> the image tower's float input: the same float ops as open_clip's
+    ToTensor + Normalize, on ``device`` rather than in the CPU task that decoded them."""
+
+    def __init__(self, cfg: EncoderConfig, device: torch.device | str = "cpu"):
+        _, mean, std = image_preprocess_spec(cfg)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.permute(0, 3, 1, 2).float().div(255) - self.mean) / self.std
 
 
 class ImageEncoder:
@@ -234,8 +187,8 @@ class ImageEncoder:
                           if tag_cfg.get("aligned") and model_cfg.get("custom_text") else
                           open_clip.get_tokenizer(cfg.image_model))
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.normalize = PixelNormalizer(cfg, self.device)
+        self.mean, self.std = self.normalize.mean, self.normalize.std  # (1, 3, 1, 1): what it normalises with
 
     @torch.inference_mode()
     def encode(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -246,9 +199,7 @@ class ImageEncoder:
         out = [np.zeros((0, self.dim), np.float32)]
         for i in range(0, len(images), batch_size):
             # torch.tensor copies: Ray Data hands over read-only arrays, which torch.from_numpy warns about.
-            x = torch.tensor(images[i:i + batch_size], device=self.device).permute(0, 3, 1, 2)
-            # The same float ops as open_clip's ToTensor + Normalize, on the device rather than in the CPU task.
-            x = (x.float().div(255) - self.mean) / self.std
+            x = self.normalize(torch.tensor(images[i:i + batch_size], device=self.device))
             with _autocast(self.cfg, self.device):
                 out.append(_normalized(self.model.encode_image(x)))
         return np.concatenate(out)
@@ -286,7 +237,7 @@ class TextEncoder:
         transformer_dir, self.pooling = _sentence_transformers_layout(folder, cfg.text_model)
         self.device = _device(cfg, f"text model {cfg.text_model!r}")
         try:
-            with _quiet_load(random_init=False):
+            with quiet_load(random_init=False):
                 self.tokenizer = AutoTokenizer.from_pretrained(transformer_dir)
                 model = AutoModel.from_pretrained(transformer_dir)
         except (OSError, ValueError, KeyError) as e:

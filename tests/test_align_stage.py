@@ -9,7 +9,8 @@ import torch
 
 from clipita import align, storage
 from clipita.config import load_config
-from clipita.encoders import ImageEncoder, aligned_folder
+from clipita.aligned import aligned_folder
+from clipita.encoders import ImageEncoder
 from clipita.features import labeler_for
 from clipita.images import load_image
 from clipita.sources.synth import write_catalog

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import os
 import tempfile
 import time
@@ -55,14 +54,14 @@ def pair_text(title: str, attributes: list[str] | None, mode: str) -> str:
     return f"{title}. {'; '.join(attributes)}"
 
 
-def _group_ids(uri: str, start: int, stop: int) -> dict[str, str]:
-    """product_id -> group_id of rows [start, stop) of a catalogue file with the optional group_id column."""
+def _group_ids(uri: str) -> dict[str, str]:
+    """product_id -> group_id of a catalogue file with the optional group_id column ({} without it): two columns."""
     fs, path = storage.arrow_filesystem(uri)
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
         if "group_id" not in pf.schema_arrow.names:
             return {}
-        t = pf.read(columns=["product_id", "group_id"]).slice(start, stop - start)
+        t = pf.read(columns=["product_id", "group_id"])
     return {str(p): str(g) for p, g in zip(t.column("product_id").to_pylist(), t.column("group_id").to_pylist())
             if p is not None and g not in (None, "")}
 
@@ -76,17 +75,16 @@ class AlignParts:
         import torch
 
         from clipita import align
-        from clipita.encoders import image_preprocess_spec
+        from clipita.encoders import PixelNormalizer
 
         torch.set_num_threads(threads)
         self.workdir, self.ac, self.labeler, self.parts = workdir, ac, labeler, parts
+        self._groups: tuple[str, dict] | None = None  # (file, its product_id -> group_id) of the last part
         self.model = align.build_model(enc, ac)
         self.tokenize = align.tokenizer(enc, ac)
         self.cached = {"image": align.cacheable(self.model, "image", ac.image_train),
                        "text": align.cacheable(self.model, "text", ac.text_train)}
-        _, mean, std = image_preprocess_spec(enc)
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.normalize = PixelNormalizer(enc)
 
     def inputs(self, pixels: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -104,8 +102,8 @@ class AlignParts:
             return pixels.reshape(len(pixels), -1), tokens
         feats = []
         for i in range(0, len(pixels), 64):
-            x = torch.tensor(pixels[i:i + 64]).permute(0, 3, 1, 2).float().div(255)
-            feats.append(align.trunk_features(self.model, "image", (x - self.mean) / self.std).numpy())
+            x = self.normalize(torch.tensor(pixels[i:i + 64]))
+            feats.append(align.trunk_features(self.model, "image", x).numpy())
         return np.concatenate(feats), tokens
 
     def write(self, part: str, rows: pa.Table) -> dict:
@@ -116,7 +114,10 @@ class AlignParts:
         good = rows.filter(pa.array(ok))
         ids, paths = good.column("product_id").to_pylist(), good.column("category_path").to_pylist()
         titles = good.column("title").to_pylist()
-        groups = _group_ids(*self.parts[part]) if good.num_rows else {}
+        uri = self.parts[part][0]
+        if self._groups is None or self._groups[0] != uri:  # parts of one file arrive in order: read it once
+            self._groups = (uri, _group_ids(uri))
+        groups = self._groups[1]
         texts = [pair_text(t, a, self.ac.text) for t, a in zip(titles, good.column("attributes").to_pylist())]
         split = [self.labeler.split(p, path) for p, path in zip(ids, paths)]
         pixels = rows.column("pixels").combine_chunks().to_numpy()[ok] if good.num_rows else np.zeros((0, 1))
@@ -252,14 +253,10 @@ class _Towers:
     the other through its whole tower (pixels normalised on the device, as embed does)."""
 
     def __init__(self, model, enc: EncoderConfig, cached: dict, device, image_size: int):
-        import torch
+        from clipita.encoders import PixelNormalizer
 
-        from clipita.encoders import image_preprocess_spec
-
-        _, mean, std = image_preprocess_spec(enc)
         self.model, self.cached, self.device, self.size = model, cached, device, image_size
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.normalize = PixelNormalizer(enc, device)
 
     def tensors(self, rows: dict) -> tuple:
         import torch
@@ -276,8 +273,7 @@ class _Towers:
 
         if self.cached["image"]:
             return align.head(self.model, "image", x.float())
-        x = (x.permute(0, 3, 1, 2).float().div(255) - self.mean) / self.std
-        return self.model.encode_image(x, normalize=True)
+        return self.model.encode_image(self.normalize(x), normalize=True)
 
     def text(self, x):
         from clipita import align
@@ -308,11 +304,6 @@ def recall(queries, keys, query_groups, key_groups, ks=KS) -> dict[int, float]:
     return {k: round(100 * float(hit[:, :k].any(dim=1).float().mean()), 2) for k in ks}
 
 
-def _load_all(shard) -> dict[str, np.ndarray]:
-    batches = list(shard.iter_batches(batch_size=8192, batch_format="numpy"))
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]} if batches else {}
-
-
 def _save(model, uri: str, enc: EncoderConfig, ac: AlignConfig, extra: dict, optimizer=None) -> None:
     """An open_clip checkpoint folder at ``uri`` (local or object storage), the optimiser's state beside it."""
     import torch
@@ -338,7 +329,7 @@ def align_loop(config: dict) -> None:
 
     from clipita import align
     from clipita.loss import ContrastiveLoss
-    from clipita.stages.train import _fail_if_asked
+    from clipita.stages.train import _fail_if_asked, _load_all
 
     enc, ac = EncoderConfig(**config["encoders"]), AlignConfig(**config["align"])
     ctx = ray.train.get_context()
@@ -350,12 +341,10 @@ def align_loop(config: dict) -> None:
     model = align.build_model(enc, ac, seed=config["seed"])
     trainable = align.set_trainable(model, ac.image_train, ac.text_train)
     align.train_mode(model).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # the unaligned towers
     if rank == 0:
         print(f"align: trainable parameters: image {trainable['image']:,}, text {trainable['text']:,}", flush=True)
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": ac.weight_decay},
-                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=ac.lr)
+    optimizer = align.make_optimizer(model, ac)
     history, best, start = [], -1.0, 0
 
     def trained() -> dict:
@@ -376,7 +365,7 @@ def align_loop(config: dict) -> None:
     cached = _load_all(shard) if config["in_memory"] else None
     val = _load_all(ray.train.get_dataset_shard("val")) if rank == 0 else {}
     per_worker = config["batch"] // world
-    autocast = torch.autocast("cuda", torch.bfloat16) if use_gpu else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast("cuda", torch.bfloat16) if use_gpu else None
     for epoch in range(start, ac.epochs):
         _fail_if_asked(config, epoch, rank, world)
         t0, losses = time.time(), []
@@ -389,13 +378,7 @@ def align_loop(config: dict) -> None:
                                          local_shuffle_buffer_size=4 * per_worker,
                                          local_shuffle_seed=config["seed"] + epoch)
         for rows in batches:
-            img, txt, grp = towers.tensors(rows)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                losses.append(step(img, txt, grp))
-            optimizer.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
+            losses.append(align.train_step(model, step, optimizer, *towers.tensors(rows), autocast=autocast))
         seconds = time.time() - t0
         if rank == 0:
             vi, vt, vg = towers.embed(val)

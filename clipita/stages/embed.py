@@ -220,7 +220,7 @@ def from_align_cache(workdir: str, enc: EncoderConfig, todo: list[Part]) -> bool
     towers embed runs (align/best of this workdir, trained with align.image_train=lock on a timm trunk)."""
     import json
 
-    from clipita.encoders import CONFIG_FILE, aligned_folder
+    from clipita.aligned import CONFIG_FILE, aligned_folder
 
     folder = aligned_folder(enc.image_pretrained) if enc.image_pretrained == align_dir(workdir, "best") else None
     if not folder:
@@ -372,7 +372,7 @@ def count_outputs(workdir: str, files_per_task: int = 64) -> tuple[int, Counter,
 def with_aligned_towers(workdir: str, cfg: Config, log=print) -> Config:
     """cfg with the workdir's aligned towers (jobs.align's ``align/best``) as the image model, unless
     align.enabled is false (the paper's frozen towers) or encoders.image_pretrained names aligned towers itself."""
-    from clipita.encoders import CONFIG_FILE, aligned_folder
+    from clipita.aligned import CONFIG_FILE, aligned_folder
 
     best = align_dir(workdir, "best")
     if not cfg.align.enabled or aligned_folder(cfg.encoders.image_pretrained) or \
