@@ -344,6 +344,64 @@ class AlignConfig:
 
 
 @dataclass(frozen=True)
+class ClassifyConfig:
+    """jobs.classify (e-CLIP's downstream tasks on the product vectors, clipita/stages/classify.py): every product's
+    category zero-shot and by a kNN probe, mis-categorised listings, k-means clusters, attribute values, flags."""
+
+    model: str = ""  # the model whose predictions, suspects and flags are written; "": clip-ita when trained, else mpnet
+    setting: str = "specific"  # whose trained heads (specific: leaf labels, what a product is categorised into)
+    top_k: int = 5  # categories per product in classify/predictions
+    probe_k: int = 20  # kNN probe: nearest train-split listings (from the index) that vote
+    suspects: int = 1000  # mis-categorised listings kept, ranked by how strongly the model contradicts them
+    clusters: int = 0  # k-means clusters; 0: as many as the tree has leaves
+    kmeans_iterations: int = 10
+    attribute_max_values: int = 32  # a key is a closed set when it has at most this many values ...
+    attribute_min_products: int = 20  # ... and this many products carry it
+    attribute_prompt: str = "a photo of a {} product"  # CLIP text for an attribute value
+    # policy flags (e-CLIP's adult-product recognition, generalised): "NAME: Category > Path" entries, one subtree
+    # each (a name may repeat: the union); a product is flagged when its predicted mass under them passes the
+    # threshold chosen on validation products
+    flags: tuple[str, ...] = ()
+    temperature: float = 0.05  # softmax temperature over the categories' cosines (flag mass, probe vote scores)
+
+    def __post_init__(self) -> None:
+        _check_choice("classify.setting", self.setting, ("all", "general", "specific"))
+        _check_range("classify.top_k", self.top_k, 1, 100)
+        _check_range("classify.probe_k", self.probe_k, 1, 1000)
+        _check_range("classify.suspects", self.suspects, 1, 10**6)
+        _check_range("classify.clusters", self.clusters, 0, 10**6)
+        _check_range("classify.kmeans_iterations", self.kmeans_iterations, 1, 1000)
+        _check_range("classify.attribute_max_values", self.attribute_max_values, 2, 10**4)
+        _check_range("classify.attribute_min_products", self.attribute_min_products, 1)
+        _check_range("classify.temperature", self.temperature, 1e-4, 10.0)
+        if "{}" not in self.attribute_prompt:
+            raise ConfigError(f"classify.attribute_prompt must hold {{}} for the value, got {self.attribute_prompt!r}")
+        for entry in self.flags:
+            name, _, path = entry.partition(":")
+            if not name.strip() or not path.strip():
+                raise ConfigError(f"classify.flags entries are 'NAME: Category > Path', got {entry!r}")
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """jobs.match (clipita/stages/match.py): listings of the same product from the all-products index's neighbours."""
+
+    model: str = "clip"  # whose vectors (its index/all group) find the neighbours: the image's, by default
+    setting: str = "specific"  # a trained model's heads
+    k: int = 10  # neighbours searched per product (candidate pairs: never all pairs)
+    min_score: float = 0.5  # candidate pairs below this cosine are not kept
+    threshold: float = 0.0  # pairs at or above it are one product; 0: the F1-best on validation groups
+    tasks: int = 0  # search tasks at once; 0: the cluster's CPUs
+
+    def __post_init__(self) -> None:
+        _check_choice("match.setting", self.setting, ("all", "general", "specific"))
+        _check_range("match.k", self.k, 1, 1000)
+        _check_range("match.min_score", self.min_score, -1.0, 1.0)
+        _check_range("match.threshold", self.threshold, 0.0, 1.0)
+        _check_range("match.tasks", self.tasks, 0, 10**4)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
@@ -352,6 +410,8 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    match: MatchConfig = field(default_factory=MatchConfig)
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:

@@ -10,7 +10,12 @@ else. Each function takes the workdir URI (local or s3://) and returns a URI und
     quarantine/<part>.parquet            rows jobs.embed could not use, with their reasons
     checkpoints/<variant>-<setting>/     one training run: last/, best/, curve.json, curve.png, stats.json
     index/<scope>/<group>/               USearch shards + manifest.json; index/<scope>/rows/, index/stats.json
-    metrics.json, metrics.md, metrics.png, evaluation/stats.json, pipeline.json
+    classify/predictions/<shard>.parquet every product's top categories (jobs.classify); suspects.parquet (mis-
+                                         categorised listings), clusters/, flags.json, metrics.json|md, stats.json
+    match/groups/<shard>.parquet         listings of one product (jobs.match); metrics.json|md, stats.json
+    evaluation/metrics.json|md           jobs.evaluate's rows and report
+    metrics.json, metrics.md             every task's rows and reports together (report.publish); metrics.png,
+    pipeline.json
 """
 from __future__ import annotations
 
@@ -76,14 +81,34 @@ def group_dir(workdir: str, scope: str, group: str) -> str:
     return join(workdir, "index", scope, group)
 
 
+def classify_dir(workdir: str, *parts: str) -> str:
+    """``classify/`` or a path under it: ``predictions``, ``suspects.parquet``, ``clusters``, ``flags.json``."""
+    return join(workdir, "classify", *parts)
+
+
+def match_dir(workdir: str, *parts: str) -> str:
+    """``match/`` or a path under it: ``groups``."""
+    return join(workdir, "match", *parts)
+
+
+# the stages whose metrics metrics.json / metrics.md gather (report.publish), in their order there
+TASK_FOLDERS = {"evaluate": "evaluation", "classify": "classify", "match": "match"}
+STAGE_FOLDERS = {"align": "align", "embed": "features", "index": "index", **TASK_FOLDERS}
+
+
 def metrics_file(workdir: str, kind: str = "json") -> str:
     """metrics.json (the rows), metrics.md (the report) or metrics.png."""
     return join(workdir, f"metrics.{kind}")
 
 
+def task_metrics(workdir: str, stage: str, kind: str = "json") -> str:
+    """One stage's own rows (``json``) or report section (``md``): evaluation/, classify/, match/."""
+    return join(workdir, TASK_FOLDERS[stage], f"metrics.{kind}")
+
+
 def stage_stats(workdir: str, stage: str) -> str:
-    """``stats.json`` of a stage: align/, features/ (embed), index/, evaluation/."""
-    return join(workdir, {"align": "align", "embed": "features", "index": "index", "evaluate": "evaluation"}[stage], "stats.json")
+    """``stats.json`` of a stage: align/, features/ (embed), index/, evaluation/, classify/, match/."""
+    return join(workdir, STAGE_FOLDERS[stage], "stats.json")
 
 
 def pipeline_record(workdir: str) -> str:

@@ -701,13 +701,32 @@ def _with_duplicates(rows: list[dict], share: float, seed: int) -> list[dict]:
     return out
 
 
+def _mislabeled(rows: list[dict], share: float, seed: int) -> list[dict]:
+    """A seeded ``share`` of the rows moved to another leaf category (a seller's mistake: the title and the image
+    stay the product's); returns the moved rows' ids with their true paths."""
+    rng = random.Random(f"{seed}-mislabel")
+    moved = []
+    for r in rows:
+        if rng.random() < share:
+            wrong = rng.choice([p for p in CATEGORY_PATHS if p[0] != r["category_path"][0]])  # another root
+            moved.append({"product_id": r["product_id"], "category_path": r["category_path"]})
+            r["category_path"] = list(wrong)
+    return moved
+
+
+MISLABELED_FILE = "mislabeled.parquet"  # clipita.stages.classify reads it: the labels corrupted on purpose
+
+
 def write_catalog(out: str, n_products: int, seed: int = 0, workers: int | None = None,
-                  progress: bool = True, duplicates: float = 0.0) -> dict:
+                  progress: bool = True, duplicates: float = 0.0, mislabel: float = 0.0) -> dict:
     """Write a synthetic catalogue of ``n_products`` (images + ``products.parquet``) under ``out``.
 
     ``duplicates``: the share of products listed a second time by another seller (a new id, the same image
     file, the title with the seller's name), both rows sharing a ``group_id`` (the column is written only then);
     the products (and every figure of the demo, which lists none twice) are the same as without.
+    ``mislabel``: the share of listings put under a leaf of another root on purpose (their title and image stay
+    their own), recorded with the true paths in ``<out>/mislabeled.parquet``: the truth jobs.classify's
+    mis-categorised listings are measured against.
 
     Returns summary counts. Raises ValueError for bad arguments and StorageError for an unusable ``out``.
     With ``workers`` > 1 it starts processes with "spawn": a calling script needs the usual
@@ -719,6 +738,8 @@ def write_catalog(out: str, n_products: int, seed: int = 0, workers: int | None 
         raise ValueError(f"the seed must be a non-negative integer, got {seed}")
     if not 0.0 <= duplicates <= 1.0:
         raise ValueError(f"the share of duplicated products must be in [0, 1], got {duplicates}")
+    if not 0.0 <= mislabel <= 1.0:
+        raise ValueError(f"the share of mislabeled products must be in [0, 1], got {mislabel}")
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     if workers < 1:
         raise ValueError(f"the number of workers must be at least 1, got {workers}")
@@ -749,6 +770,7 @@ def write_catalog(out: str, n_products: int, seed: int = 0, workers: int | None 
                 pool.shutdown(cancel_futures=True)  # fail now, not after rendering every queued chunk
                 raise
     rows = [r for start in sorted(results) for r in results[start]]
+    moved = _mislabeled(rows, mislabel, seed) if mislabel > 0 else []
     schema = _SCHEMA
     if duplicates > 0:
         rows, schema = _with_duplicates(rows, duplicates, seed), _SCHEMA.append(pa.field("group_id", pa.string()))
@@ -761,9 +783,14 @@ def write_catalog(out: str, n_products: int, seed: int = 0, workers: int | None 
     except Exception as e:  # as in _write_chunk
         raise storage.StorageError(f"cannot write {out}/products.parquet: {_first_line(e)}") from None
 
+    if mislabel > 0:
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(moved, schema=pa.schema([("product_id", pa.string()), (
+            "category_path", pa.list_(pa.string()))])), buf)
+        storage.write_bytes(storage.join(out, MISLABELED_FILE), buf.getvalue().to_pybytes())
     seconds = time.perf_counter() - t0
     formats = {f: sum(r["format"] == f for r in rows if not r.get("duplicate")) for f in _FORMATS}
     tree = CategoryTree(r["category_path"] for r in rows).summary()  # the categories that got products
     return {"out": out, "products": n_products, "seed": seed, **tree, "images": formats,
-            "duplicates": sum(bool(r.get("duplicate")) for r in rows),
+            "duplicates": sum(bool(r.get("duplicate")) for r in rows), "mislabeled": len(moved),
             "seconds": round(seconds, 2), "products_per_s": round(n_products / seconds, 1)}

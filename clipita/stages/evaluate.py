@@ -32,7 +32,7 @@ from clipita.metrics import per_query_metrics
 from clipita.models import MODELS, REGISTRY, ROWS_GROUP
 from clipita.rankers import Queries, load_ranker
 from clipita.stages.report import (METRICS, SPLITS, add_base_to_new, alignment_rows, clean, metrics_markdown,
-                                   metrics_png)
+                                   metrics_png, publish)
 from clipita.tree import SEP, SETTINGS
 from clipita.workdir import align_dir, group_dir, metrics_file, stage_stats
 
@@ -308,8 +308,8 @@ def evaluate(workdir: str, cfg, log=print) -> list[dict]:
     for r in rows:
         if note and REGISTRY[r["model"]].reads_clip_text:  # kept, and said why it is no baseline (metrics.md too)
             r["note"] = note
-    storage.write_json(metrics_file(workdir), rows + (alignment_rows(alignment) if alignment else []))
-    storage.write_bytes(metrics_file(workdir, "md"), metrics_markdown(rows, alignment).encode())
+    publish(workdir, "evaluate", rows + (alignment_rows(alignment) if alignment else []),
+            metrics_markdown(rows, alignment))
     storage.write_bytes(metrics_file(workdir, "png"), metrics_png(rows))
     storage.write_json(stage_stats(workdir, "evaluate"), {
         "stage": "evaluate", "rows": len(rows), "candidates": n_candidates,

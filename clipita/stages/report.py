@@ -6,9 +6,10 @@ import math
 
 import numpy as np
 
-from clipita import metrics, plots
+from clipita import metrics, plots, storage
 from clipita.models import MODELS
 from clipita.tree import SETTINGS
+from clipita.workdir import TASK_FOLDERS, metrics_file, task_metrics
 
 METRICS = ("P@1", "P@5", "P@10", "mAP@5", "mAP@10", "R-prec")
 SPLITS = ("all", "seen", "unseen")
@@ -150,3 +151,17 @@ def metrics_png(rows: list[dict]) -> bytes:
         ax.set(title=f"setting: {setting}", ylabel="%")
     axes[0][0].legend(fontsize=8)
     return plots.png(fig)
+
+
+def publish(workdir: str, stage: str, rows: list[dict], markdown: str) -> None:
+    """Write one stage's rows and report section (``<stage folder>/metrics.json|md``), then gather every stage's
+    into metrics.json and metrics.md, so that a stage run again replaces its own rows and keeps the others'."""
+    storage.write_json(task_metrics(workdir, stage), rows)
+    storage.write_bytes(task_metrics(workdir, stage, "md"), markdown.encode())
+    gathered, sections = [], []
+    for s in TASK_FOLDERS:
+        if storage.exists(task_metrics(workdir, s)):
+            gathered += storage.read_json(task_metrics(workdir, s))
+            sections.append(storage.read_bytes(task_metrics(workdir, s, "md")).decode().rstrip("\n"))
+    storage.write_json(metrics_file(workdir), gathered)
+    storage.write_bytes(metrics_file(workdir, "md"), ("\n\n".join(sections) + "\n").encode())
