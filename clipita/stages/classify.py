@@ -338,6 +338,10 @@ def kmeans(workdir: str, uri: str, manifest: dict, space: Space, node, k: int, i
 
 # ---------------------------------------------------------------------------------------------- attributes
 
+class EncodersUnavailable(RuntimeError):
+    """The towers the features were made with cannot be loaded (attribute values need their text sides)."""
+
+
 def _key_value(attribute: str) -> tuple[str, str] | None:
     key, sep, value = attribute.partition(":")
     return (key.strip().lower(), value.strip().lower()) if sep and key.strip() and value.strip() else None
@@ -413,8 +417,11 @@ def attributes(workdir: str, cfg, labeler, log=print) -> list[dict]:
         log("classify: no attribute key with a closed set of values")
         return []
     values = [(k, v) for k, vs in closed.items() for v in vs]
-    clip_v, text_v = ray.get(ray.remote(num_cpus=1)(_embed_values).remote(
-        recorded_encoders(workdir), [cc.attribute_prompt.format(v) for _, v in values], [v for _, v in values]))
+    try:
+        clip_v, text_v = ray.get(ray.remote(num_cpus=1)(_embed_values).remote(
+            recorded_encoders(workdir), [cc.attribute_prompt.format(v) for _, v in values], [v for _, v in values]))
+    except ray.exceptions.RayTaskError as e:  # the towers of features/encoders.json cannot load here
+        raise EncodersUnavailable(str(e).strip().splitlines()[-1]) from None
     keys, at = {}, 0
     for k, vs in closed.items():
         majority = max(vs, key=lambda v: (train.get((k, v), 0), v))
@@ -615,10 +622,15 @@ def run_classify(workdir: str, cfg, log=print) -> dict:
     rows += [dict(r, model=primary) for r in kmeans(workdir, groups[primary], manifest, space, node,
                                                     cc.clusters or len(space.leaf_ids), cc.kmeans_iterations,
                                                     cfg.data.seed, log)]
-    rows += attributes(workdir, cfg, labeler, log)
+    try:
+        rows += attributes(workdir, cfg, labeler, log)
+        skipped = None
+    except EncodersUnavailable as e:  # e.g. a features-only workdir whose encoders this machine cannot load
+        skipped = str(e)
+        log(f"classify: attribute values skipped: the encoders do not load: {skipped}")
     publish(workdir, "classify", rows, classify_markdown(rows, primary, None if corrupted is None else len(corrupted)))
     stats = {"stage": "classify", "products": n_products, "models": list(groups), "model": primary,
-             "leaves": len(space.leaf_ids), "rows": len(rows), "corrupted": None if corrupted is None else len(corrupted),
+             "leaves": len(space.leaf_ids), "rows": len(rows), "attributes_skipped": skipped, "corrupted": None if corrupted is None else len(corrupted),
              "seconds": round(time.time() - t0, 2)}
     storage.write_json(stage_stats(workdir, "classify"), stats)
     return stats
