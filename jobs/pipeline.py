@@ -1,4 +1,5 @@
-"""jobs.pipeline: the whole product end to end: synth (no --catalog) -> align -> embed -> train -> index -> evaluate.
+"""jobs.pipeline: the whole product end to end: synth (no --catalog) -> align -> embed -> train -> index -> evaluate
+-> classify -> match.
 
     python -m jobs.pipeline --workdir demo-workdir                      # the demo: synthetic catalogue, offline
     python -m jobs.pipeline --workdir /data/run --catalog /data/shop --config configs/production.yaml
@@ -19,7 +20,7 @@ import time
 from clipita import runtime, storage, workdir
 from clipita.models import VARIANTS
 from clipita.sources import synth
-from clipita.stages import align, embed, evaluate, train
+from clipita.stages import align, classify, embed, evaluate, match, train
 from clipita.stages.index import build_indexes
 from clipita.tree import SETTINGS
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--catalog", help="catalogue root URI; without it a synthetic demo catalogue is written")
     parser.add_argument("--products", type=int, default=2000, help="size of the synthetic catalogue (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic catalogue")
+    parser.add_argument("--mislabel", type=float, default=0.0, help="synthetic catalogue: share of listings put "
+                        "under a wrong category on purpose (jobs.classify measures finding them; default 0)")
     parser.add_argument("--workers", type=int, help="Ray Train workers per run (train.workers)")
     parser.add_argument("--gpu", action="store_true", help="train on GPUs (train.use_gpu)")
     runtime.add_config_argument(parser)
@@ -59,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
             if storage.exists(storage.join(catalog, "products.parquet")):
                 print(f"== synth: {catalog} exists; kept")
             else:
-                stage("synth", lambda: synth.write_catalog(catalog, args.products, seed=args.seed))
+                stage("synth", lambda: synth.write_catalog(catalog, args.products, seed=args.seed,
+                                                           mislabel=args.mislabel))
         if cfg.align.enabled:  # --set align.enabled=false: the paper's frozen towers
             stage("align", lambda: align.run_align(catalog, args.workdir, cfg))
         stats = stage("embed", lambda: embed.run_embed(catalog, args.workdir, cfg))
@@ -69,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
                                                    cfg))
         stage("index", lambda: build_indexes(args.workdir, cfg))
         stage("evaluate", lambda: evaluate.evaluate(args.workdir, cfg))
+        stage("classify", lambda: classify.run_classify(args.workdir, cfg))
+        stage("match", lambda: match.run_match(args.workdir, cfg))
         seconds["total"] = round(sum(seconds.values()), 1)
         storage.write_json(workdir.pipeline_record(args.workdir),
                            {"catalog": catalog, "products_read": stats["read"], "used": stats["used"],

@@ -91,11 +91,14 @@ def test_pipeline_via_ray_job_submit(cluster, tmp_path):
     aligned = [r for r in rows if r.get("task") == "align"]  # align ran first, by default
     assert {r["model"] for r in aligned} == {"aligned", "unaligned"} and "## Alignment" in open(
         f"{workdir}/metrics.md").read()
+    # e-CLIP's downstream tasks ran last, their rows and sections gathered with the retrieval's
+    assert {"classify", "cluster", "attributes", "flag", "match"} <= {r.get("task") for r in rows}
+    assert "## Categorisation" in open(f"{workdir}/metrics.md").read()
     rows = [r for r in rows if "task" not in r]
     models = {r["model"] for r in rows}
     assert models == {"bm25", "mpnet", "clip", "clip-i", "clip-ia", "clip-ita"}
     assert {r["setting"] for r in rows} == {"all", "general", "specific"}
     summary = json.load(open(f"{workdir}/pipeline.json"))
     assert summary["products_read"] == 240 and summary["quarantined"] == broken
-    assert set(summary["seconds"]) >= {"align", "embed", "train", "index", "evaluate", "total"}
+    assert set(summary["seconds"]) >= {"align", "embed", "train", "index", "evaluate", "classify", "match", "total"}
     assert os.path.exists(f"{workdir}/metrics.png") and os.path.exists(f"{workdir}/metrics.md")

@@ -9,6 +9,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -16,7 +17,7 @@ from clipita import catalog, features, storage
 from clipita.config import EncoderConfig
 from clipita.sources import synth_features
 from clipita.tree import CategoryTree, category_id
-from clipita.vectors import vector_column
+from clipita.vectors import vector_column, vectors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, SEED = 3000, 3
@@ -183,3 +184,51 @@ def test_cli(tmp_path):
         assert bad.returncode == 2, bad.stderr
         assert message in bad.stderr and "Traceback" not in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def _cosines(a: pa.Table, b: pa.Table, column: str) -> np.ndarray:
+    x, y = (np.asarray(vectors(t.column(column)), np.float32) for t in (a, b))
+    nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+    return np.einsum("ij,ij->i", x, y) / np.maximum(nx * ny, 1e-12)
+
+
+def test_duplicates_are_second_listings_with_a_group_id(workdir, tmp_path):
+    """--duplicates with --features-only: a seeded share of products listed again as <id>-2 right after the
+    original, same category and attributes, embeddings close to but not equal to the original's; group_id on
+    every row; the same bytes whatever the workers, and the products themselves unchanged."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    stats = synth_features.write_features(one, N, seed=SEED, workers=1, duplicates=0.2, **ARGS)
+    synth_features.write_features(two, N, seed=SEED, workers=2, duplicates=0.2, **ARGS)
+    assert _files(one) == _files(two)
+    table = pq.read_table(f"{one}/features/products")
+    assert table.schema.names[-1] == "group_id" and table.schema.field("group_id").type == pa.string()
+    ids, groups = table.column("product_id").to_pylist(), table.column("group_id").to_pylist()
+    second = np.array([p.endswith("-2") for p in ids])
+    assert stats["duplicates"] == second.sum() and stats["used"] == N + second.sum() == table.num_rows
+    assert 0.15 * N < second.sum() < 0.25 * N
+    at = np.flatnonzero(second)
+    assert all(ids[i] == f"{ids[i - 1]}-2" and groups[i] == groups[i - 1] == ids[i - 1] for i in at)
+    assert all(g == p for p, g, s in zip(ids, groups, second) if not s)
+    originals = table.filter(pa.array(~second))
+    assert originals.drop_columns(["group_id"]).equals(pq.read_table(f"{workdir}/features/products"))
+    dup, orig = table.take(pa.array(at)), table.take(pa.array(at - 1))
+    for column in ("category_path", "attributes", "n_attributes"):
+        assert dup.column(column).equals(orig.column(column))
+    assert all(t.startswith(o + " - ") for t, o in zip(dup.column("title").to_pylist(),
+                                                      orig.column("title").to_pylist()))
+    image = _cosines(dup, orig, "image_emb")
+    assert 0.88 < image.min() and image.max() < 0.98  # a re-shot photo: close, never the same vector
+    title = _cosines(dup, orig, "title_emb")
+    assert 0.88 < title.min() and title.max() < 0.98
+    no_attr = dup.column("n_attributes").to_numpy() == 0
+    assert not np.asarray(vectors(dup.column("attr_emb")))[no_attr].any()  # zero stays zero
+    cats = pq.read_table(f"{one}/features/categories.parquet")  # second listings count in their categories
+    assert cats.filter(pc.equal(cats.column("depth"), 1)).column("products").to_numpy().sum() == \
+        table.num_rows
+    with pytest.raises(ValueError, match="duplicated products"):
+        synth_features.write_features(str(tmp_path / "bad"), 5, duplicates=1.5)
+    done = _cli("--out", str(tmp_path / "cli"), "--products", "300", "--workers", "1", "--duplicates", "0.1",
+                "--seed", "1")
+    assert done.returncode == 0, done.stderr
+    assert "second listings, group_id" in done.stdout
+    assert "group_id" in pq.read_table(f"{tmp_path}/cli/features/products").schema.names

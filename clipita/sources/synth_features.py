@@ -23,8 +23,15 @@ The signal imitates real encoders, so that training is worthwhile and the zero-s
 - titles hold the leaf's name (80%; 10% a sibling's, 10% none), often the parent's name, and filler words, so
   BM25 has signal but is not an oracle; 0-5 ``key: value`` attributes with leaf-typical values.
 
-Each part is drawn from an RNG seeded by (seed, part index) and the tree from one seeded by the seed alone, so the
-same arguments give byte-identical files whatever ``workers`` is.
+``duplicates`` (a share, default 0) lists a seeded share of the products a second time, as another seller would
+(jobs.match's truth): the second listing ``<id>-2`` follows its original's row, with the same category, title
+(and a seller's name), attributes, and every embedding the original's moved by a random offset of norm
+``DUP_OFFSET`` (cosine 0.90-0.97 to the original: a re-shot photo, a rewritten title); every row then gets a
+``group_id`` (its own id, or the original's for a second listing). With 0 nothing changes: no column, no row.
+
+Each part is drawn from an RNG seeded by (seed, part index) (its duplicates from another, seeded by (seed, 3, part
+index)) and the tree from one seeded by the seed alone, so the same arguments give byte-identical files whatever
+``workers`` is.
 """
 from __future__ import annotations
 
@@ -46,7 +53,7 @@ from clipita import storage
 from clipita.config import EncoderConfig
 from clipita.stages.embed import finished_parts
 from clipita.tree import SEP
-from clipita.vectors import vector_column
+from clipita.vectors import vector_column, vectors
 from clipita.workdir import catalog_record, categories_file, encoders_record, product_features_dir, stage_stats
 
 PART_ROWS = 50_000  # products per output file
@@ -62,6 +69,8 @@ IMAGE_OWN = 0.5  # weight of a node's independent image part beside the projecti
 ZIPF = 0.5  # leaf popularity ~ 1 / rank^ZIPF: the largest leaf has sqrt(leaves) times the smallest one's products
 P_LEAF_WORD, P_SIBLING_WORD, P_PARENT_WORD, P_BRAND = 0.8, 0.1, 0.5, 0.5
 P_TYPICAL = 0.6  # an attribute takes its leaf's typical value, else a random one
+DUP_OFFSET = (0.25, 0.48)  # norm of a second listing's offset from its original: cosine 1/sqrt(1 + r^2), 0.97-0.90
+SELLERS = ("Northwind", "Contoso", "Fabrikam", "Tailspin", "Litware")  # as clipita/sources/synth.py's
 
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 _SYLLABLES = [c + v for c in _CONSONANTS for v in _VOWELS]
@@ -239,8 +248,54 @@ def _write_parquet(uri: str, table: pa.Table) -> None:
             from None
 
 
-def _write_part(workdir: str, seed: int, shape: Shape, part: int, start: int, stop: int) -> np.ndarray:
-    """Write products [start, stop) as one part file; returns the products per leaf."""
+def _near(rng: np.random.Generator, v: np.ndarray) -> np.ndarray:
+    """float16 rows ``v`` moved by random offsets orthogonal to them, of norms in DUP_OFFSET, normalised (so the
+    cosine to the row is 1/sqrt(1 + r^2) at any width); zero rows stay zero."""
+    x = v.astype(np.float32)
+    zero = ~x.any(axis=1)
+    x[zero] = 1.0  # any non-zero row: set back to zero below
+    x = _unit(x)
+    u = _random_units(rng, *x.shape)
+    u = _unit(u - np.einsum("ij,ij->i", u, x)[:, None] * x)  # orthogonal to the row: cosine 1/sqrt(1 + r^2)
+    x += u * rng.uniform(*DUP_OFFSET, size=(len(x), 1)).astype(np.float32)
+    out = _unit(x).astype(np.float16)
+    out[zero] = 0
+    return out
+
+
+def _with_duplicates(table: pa.Table, share: float, seed: int, part: int) -> tuple[pa.Table, np.ndarray, int]:
+    """The part's rows, each chosen one (a seeded ``share``) followed by its second listing, with a group_id
+    column; returns the table, each output row's source row and the number of second listings."""
+    rng = np.random.default_rng([seed, 3, part])
+    n = table.num_rows
+    chosen = rng.random(n) < share
+    src = np.repeat(np.arange(n), 1 + chosen)
+    second = np.zeros(len(src), bool)
+    second[np.cumsum(1 + chosen)[chosen] - 1] = True  # the copy right after its original
+    dup = np.flatnonzero(chosen)
+    ids = table.column("product_id").take(pa.array(src))
+    mask = pa.array(second)
+    cols = {"product_id": pc.if_else(mask, pc.binary_join_element_wise(ids, "-2", ""), ids)}
+    sellers = pa.array(SELLERS).take(pa.array(rng.integers(len(SELLERS), size=len(src))))
+    titles = table.column("title").take(pa.array(src))
+    cols["title"] = pc.if_else(mask, pc.binary_join_element_wise(titles, sellers, " - "), titles)
+    for name in ("attributes", "category_path"):
+        cols[name] = table.column(name).take(pa.array(src))
+    cols["image"] = pc.binary_join_element_wise("images/", cols["product_id"], ".jpg", "")
+    for name in ("image_emb", "title_emb", "attr_emb"):
+        v = vectors(table.column(name), keep_half=True)
+        out = v[src]
+        out[second] = _near(rng, v[dup])
+        cols[name] = vector_column(out)
+    cols["n_attributes"] = table.column("n_attributes").take(pa.array(src))
+    cols["group_id"] = ids
+    return pa.table(cols), src, len(dup)
+
+
+def _write_part(workdir: str, seed: int, shape: Shape, part: int, start: int, stop: int,
+                duplicates: float = 0.0) -> tuple[np.ndarray, int]:
+    """Write products [start, stop) (and their second listings) as one part file; returns the products per leaf
+    and the number of second listings."""
     tree = build_tree(seed, shape)
     rng = np.random.default_rng([seed, 1, part])
     n = stop - start
@@ -260,8 +315,12 @@ def _write_part(workdir: str, seed: int, shape: Shape, part: int, start: int, st
         "image_emb": vector_column(image_emb), "title_emb": vector_column(title_emb),
         "attr_emb": vector_column(attr_emb), "n_attributes": pa.array(n_attributes.astype(np.int32)),
     })
+    dups = 0
+    if duplicates > 0:
+        table, src, dups = _with_duplicates(table, duplicates, seed, part)
+        leaf = leaf[src]
     _write_parquet(storage.join(product_features_dir(workdir), f"part-{part:05d}.parquet"), table)
-    return np.bincount(leaf, minlength=tree.n_leaves)
+    return np.bincount(leaf, minlength=tree.n_leaves), dups
 
 
 def _perturbed(rng: np.random.Generator, concepts: np.ndarray) -> np.ndarray:
@@ -297,7 +356,7 @@ def _write_categories(workdir: str, seed: int, shape: Shape, leaf_counts: np.nda
 
 def write_features(workdir: str, products: int, seed: int = 0, workers: int | None = None, levels: int = 4,
                    branching: int = 8, image_dim: int = 512, text_dim: int = 768, part_rows: int = PART_ROWS,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, duplicates: float = 0.0) -> dict:
     """Write a synthetic features workdir of ``products`` products; returns the stats written to
     ``features/stats.json``. Raises ValueError for bad arguments or a workdir that already holds features, and
     StorageError for an unusable workdir. With ``workers`` > 1 it starts processes with "spawn": a calling
@@ -307,6 +366,8 @@ def write_features(workdir: str, products: int, seed: int = 0, workers: int | No
                                ("part_rows", part_rows, 1)):
         if value < least:
             raise ValueError(f"the {name} must be at least {least}, got {value}")
+    if not 0.0 <= duplicates <= 1.0:
+        raise ValueError(f"the share of duplicated products must be in [0, 1], got {duplicates}")
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     if workers < 1:
         raise ValueError(f"the number of workers must be at least 1, got {workers}")
@@ -324,24 +385,28 @@ def write_features(workdir: str, products: int, seed: int = 0, workers: int | No
     workers = min(workers, len(parts))
     log(f"synth: {products:,} products in {len(parts)} parts, {workers} workers, a tree of {nodes:,} nodes")
     if workers == 1:
-        counts = [_write_part(workdir, seed, shape, *p) for p in parts]
+        results = [_write_part(workdir, seed, shape, *p, duplicates) for p in parts]
     else:
         # spawn, not fork: the caller may have threads (Ray, s3fs's event loop) that fork would copy broken.
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_write_part, workdir, seed, shape, *p) for p in parts]
+            futures = [pool.submit(_write_part, workdir, seed, shape, *p, duplicates) for p in parts]
             build_tree(seed, shape)  # the categories' copy, built while the workers start
             try:
-                counts = [f.result() for f in futures]
+                results = [f.result() for f in futures]
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # fail now, not after writing every queued part
                 raise
+    counts, dups = [c for c, _ in results], sum(d for _, d in results)
     categories = _write_categories(workdir, seed, shape, np.sum(counts, axis=0))
     storage.write_json(encoders_record(workdir), dataclasses.asdict(EncoderConfig()))
     storage.write_json(catalog_record(workdir),
                        {"catalog": storage.join(workdir, "catalog"), "features_only": True})
     seconds = time.perf_counter() - t0
-    stats = {"stage": "embed", "synthetic": True, "seed": seed, "read": products, "used": products,
+    listed = products + dups  # rows written: every product and its second listing
+    stats = {"stage": "embed", "synthetic": True, "seed": seed, "read": listed, "used": listed,
              "quarantined": 0, "reasons": {}, "parts": len(parts), "categories": categories,
-             "seconds": round(seconds, 2), "products_per_s": round(products / seconds, 1)}
+             "seconds": round(seconds, 2), "products_per_s": round(listed / seconds, 1)}
+    if duplicates > 0:
+        stats.update(duplicates=dups, share=duplicates)
     storage.write_json(stage_stats(workdir, "embed"), stats)
     return stats
