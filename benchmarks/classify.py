@@ -17,8 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import cpu  # noqa: E402
-from match import commit, run_stage  # noqa: E402  (scale.py's sampler, the five largest processes kept)
-from scale import ROOT, gb, who  # noqa: E402
+from match import commit  # noqa: E402
+from scale import ROOT, gb, run_stage, who  # noqa: E402  (the process-tree RSS sampler)
 
 sys.path.insert(0, ROOT)
 

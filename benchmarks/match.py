@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import cpu  # noqa: E402
-from scale import ROOT, Sampler, gb, heap, who  # noqa: E402  (the process-tree RSS sampler)
+from scale import ROOT, gb, heap, run_stage, who  # noqa: E402  (the process-tree RSS sampler)
 
 sys.path.insert(0, ROOT)
 
@@ -37,25 +37,6 @@ def commit() -> str:
         return out.stdout.strip() + (" + uncommitted changes" if dirty.strip() else "")
     except OSError:
         return "?"
-
-
-def run_stage(args: list[str], log_path: str) -> dict:
-    """scale.run_stage, also keeping the five processes of the highest peak RSS (name, GB) for the log."""
-    env = dict(os.environ, PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        sampler = Sampler(proc.pid)
-        sampler.start()
-        rc = proc.wait()
-        sampler.stop.set()
-        sampler.join()
-    if rc != 0:
-        raise SystemExit(f"match bench: {' '.join(args[:1])} failed (exit {rc}); see {log_path}")
-    top = sorted(sampler.peak.values(), key=lambda p: -p[0])[:5]
-    return {"seconds": time.time() - t0, **sampler.roles(),
-            "top": ", ".join(f"{p[3].removeprefix('ray::')[:40]} {p[0] / 2**30:.2f}" for p in top)}
 
 
 def main() -> None:

@@ -118,7 +118,9 @@ def run_stage(args: list[str], log_path: str) -> dict:
         sampler.join()
     if rc != 0:
         raise SystemExit(f"scale: {' '.join(args[:1])} failed (exit {rc}); see {log_path}")
-    return {"seconds": time.time() - t0, **sampler.roles()}
+    top = sorted(sampler.peak.values(), key=lambda p: -p[0])[:5]  # the five largest processes, for the logs
+    return {"seconds": time.time() - t0, **sampler.roles(),
+            "top": ", ".join(f"{p[3].removeprefix('ray::')[:40]} {p[0] / 2**30:.2f}" for p in top)}
 
 
 def gb(x: tuple | None) -> str:
