@@ -203,9 +203,11 @@ class ShardedIndex:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def search(self, queries: np.ndarray, k: int, ef: int | None = None, exact: bool = False) -> SearchResult:
+    def search(self, queries: np.ndarray, k: int, ef: int | None = None, exact: bool = False,
+               threads: int = 0) -> SearchResult:
         """Top-k rows per query over every shard (each searched for k, results merged by score). ``exact``
-        scans every vector instead of walking the graph (usearch's brute force: the recall reference)."""
+        scans every vector instead of walking the graph (usearch's brute force: the recall reference);
+        ``threads`` 0: every core."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if self.manifest.get("metric") == "ip":  # scores are cosines, as with "cos" (indexes built before)
             queries = unit_rows(queries)
@@ -216,7 +218,7 @@ class ShardedIndex:
         for i, shard in enumerate(self.shards):
             if ef:
                 shard.expansion_search = max(ef, k)
-            m = shard.search(queries, min(k, len(shard)), exact=exact, threads=0)  # threads=0: every core
+            m = shard.search(queries, min(k, len(shard)), exact=exact, threads=threads)
             kk = np.asarray(m.keys, dtype=np.int64).reshape(q, -1)
             dd = np.asarray(m.distances, dtype=np.float32).reshape(q, -1)
             # one query comes back as Matches (no .counts), several as BatchMatches

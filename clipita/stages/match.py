@@ -9,9 +9,10 @@ string per product:
    gives each group its split (``clipita.tree.split_of`` of the group id: every listing of a product shares it).
 2. **Candidates**: one Ray task per pair of index shards (i, j >= i), ``match.tasks`` at once, takes shard i's
    stored vectors (``shard_vectors``) and searches them in shard j (two shards memory-mapped: a task's pages stay
-   two shards' worth) for the k + 1 nearest (HNSW, the manifest's ef), drops the row itself and keeps the pairs
-   (a < b) of cosine >= ``match.min_score``; the (i, i) task also looks shard i's rows' group codes up in those
-   sorted arrays (shared through the object store). Never all pairs. Each pair of shards is searched once, from
+   two shards' worth) for the k + 1 nearest (``ShardedIndex.search``, HNSW at ``match.ef``: 32 by default, 0 for
+   the index's own), drops the row itself and keeps the pairs (a < b) of cosine >= ``match.min_score``; the
+   (i, i) task also looks shard i's rows' group codes up in those sorted arrays (shared through the object
+   store). Never all pairs. Each pair of shards is searched once, from
    the earlier one: M (M + 1) / 2 shard searches instead of M² (0.54x at 1M products, 12 shards), in tasks of
    equal size that keep every CPU busy to the end. A pair is found when one listing is among the other's k + 1
    nearest of its shard (listings of one product are each other's nearest), so a row may get up to k + 1
@@ -152,24 +153,18 @@ def _pair_candidates(uri: str, i: int, j: int, k: int, min_score: float, ef: int
     own = ShardedIndex(uri, view=True, columns=None, shards=(i, i + 1))
     other = own if j == i else ShardedIndex(uri, view=True, columns=None, shards=(j, j + 1))
     count, first = int(entries[i]["count"]), int(entries[i]["first_key"])
-    kk = k + 1  # in its own shard, a row is (almost always) its own nearest
-    shard = other.shards[0]
-    shard.expansion_search = max(ef, kk)
-    take = min(kk, len(shard))
+    take = min(k + 1, len(other))  # in its own shard, a row is (almost always) its own nearest
     found_a, found_b, found_s = [], [], []
     for a in range(0, count, BATCH):
         q = shard_vectors(own.shards[0], first + a, min(BATCH, count - a))
-        m = shard.search(q, take, threads=threads)
-        keys = np.asarray(m.keys, dtype=np.int64).reshape(len(q), -1)
-        score = 1.0 - np.asarray(m.distances, dtype=np.float32).reshape(len(q), -1)
-        cnt = np.asarray(getattr(m, "counts", [keys.shape[1]])).reshape(len(q))
-        rows = keys - int(entries[j]["first_key"]) + offsets[j]
+        m = other.search(q, take, ef=ef, threads=threads)
+        rows = np.where(m.rows >= 0, m.rows + offsets[j], -1)
         me = offsets[i] + a + np.arange(len(q), dtype=np.int64)[:, None]
-        keep = (np.arange(keys.shape[1])[None, :] < cnt[:, None]) & (rows != me) & (score >= min_score)
+        keep = (rows >= 0) & (rows != me) & (m.scores >= min_score)
         found_a.append(np.broadcast_to(me, rows.shape)[keep])
         found_b.append(rows[keep])
-        found_s.append(score[keep].astype(np.float32))
-    del shard, other, own
+        found_s.append(m.scores[keep].astype(np.float32))
+    del other, own
     a, b, s = np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_s)
     pair, first_at = np.unique(np.minimum(a, b) * n + np.maximum(a, b), return_index=True)
     out.update(pairs=pair, scores=s[first_at], seconds=time.time() - t0)
@@ -357,16 +352,16 @@ def run_match(workdir: str, cfg, log=print) -> dict:
     plan = [(i, j) for i in range(len(entries)) for j in range(i, len(entries))]
     parallel = min(mc.tasks or cpus, len(plan))
     threads = max(1, cpus // parallel)
-    # HNSW ef of the walk: the index's own (what serving searches with) unless the config sets match.ef
-    ef = int(getattr(mc, "ef", 0) or manifest.get("expansion_search") or 128)
+    # HNSW ef of the walk: match.ef, or 0 for the index's own (what serving searches with)
+    ef = max(int(mc.ef or manifest.get("expansion_search") or 128), mc.k + 1)
 
     source, files = group_source(workdir)
     lookup = group_lookup(files, cfg.data) if files else (np.zeros(0, np.int64), np.zeros(0, np.int64),
                                                           np.zeros(0, np.int8))
     log(f"match: {n:,} products of index {group} in {len(entries)} shards ({len(plan)} shard pairs); group ids: "
         f"{source}"
-        f"{f' ({len(lookup[0]):,} rows)' if files else ''}; k {mc.k}, cosine >= {mc.min_score}, {parallel} tasks "
-        f"at once")
+        f"{f' ({len(lookup[0]):,} rows)' if files else ''}; k {mc.k}, ef {ef}, cosine >= {mc.min_score}, "
+        f"{parallel} tasks at once")
     lookup_ref = ray.put(lookup)
     del lookup
     task = ray.remote(num_cpus=threads)(_pair_candidates)
@@ -448,7 +443,8 @@ def run_match(workdir: str, cfg, log=print) -> dict:
     stats = {"stage": "match", "model": mc.model, "group": group, "group_ids": source, "products": n,
              "pairs": int(len(a)), "pairs_at_threshold": int(edge.sum()), "threshold": round(threshold, 6),
              "threshold_from": chosen, "predicted_groups": int((sizes >= 2).sum()), "products_in_groups": grouped,
-             "singletons": int((sizes == 1).sum()), "k": mc.k, "min_score": mc.min_score, "shards": len(entries),
+             "singletons": int((sizes == 1).sum()), "k": mc.k, "ef": ef, "min_score": mc.min_score,
+             "shards": len(entries),
              "search_seconds": round(t1 - t0, 2), "seconds": round(time.time() - t0, 2)}
     publish(workdir, "match", rows, markdown(rows, mc.model, source, stats))
     storage.write_json(stage_stats(workdir, "match"), stats)
