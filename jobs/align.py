@@ -19,7 +19,7 @@ from clipita.workdir import catalog_record
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="jobs.align", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="jobs.align", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--workdir", required=True, help="workdir URI shared by all jobs")
     parser.add_argument("--catalog", help="catalogue root: local path, file:// or s3:// (default: the workdir's "
                                           "catalog.json, else <workdir>/catalog)")

@@ -20,7 +20,7 @@ from clipita.workdir import task_metrics
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="jobs.classify", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="jobs.classify", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--workdir", required=True, help="workdir URI (features/, index/, checkpoints/)")
     runtime.add_config_argument(parser)
     args = parser.parse_args(argv)

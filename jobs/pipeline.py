@@ -28,7 +28,7 @@ OFFLINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="jobs.pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="jobs.pipeline", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--workdir", required=True, help="workdir URI for every stage's outputs")
     parser.add_argument("--catalog", help="catalogue root URI; without it a synthetic demo catalogue is written")
     parser.add_argument("--products", type=int, default=2000, help="size of the synthetic catalogue (default 2000)")
