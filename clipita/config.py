@@ -392,8 +392,9 @@ class MatchConfig:
     min_score: float = 0.5  # candidate pairs below this cosine are not kept
     threshold: float = 0.0  # pairs at or above it are one product; 0: the F1-best on validation groups
     tasks: int = 0  # search tasks at once; 0: the cluster's CPUs
-    # HNSW ef of the candidate search (at least k + 1); 0: the index's expansion_search (128). At 1M products, 32
-    # walks 2.7-3.1x faster than 128 and still finds 97% of the near-duplicate pairs (benchmarks/RESULTS.md)
+    # HNSW ef of the candidate search (at least k + 1); 0: the index's expansion_search (128). At 1M products 32
+    # walks 2.8-3.6x faster than 128 (match wall 0.96x jobs.index's, not 3.9x) at test recall 88.9 instead of 99.2
+    # of synth's second listings (benchmarks/RESULTS.md, "match"): raise it where recall matters more than time
     ef: int = 32
 
     def __post_init__(self) -> None:

@@ -92,8 +92,11 @@ def test_finds_second_listings_and_accounts_for_every_product(workdir):
 
 def test_an_explicit_threshold_is_used_and_scored(workdir):
     tuned = match.run_match(workdir, _cfg(), **QUIET)
-    strict = match.run_match(workdir, _cfg(threshold=0.99), **QUIET)  # above every second listing's cosine
+    # above every second listing's cosine; ef 0: the walk of the index's own ef
+    strict = match.run_match(workdir, _cfg(threshold=0.99, ef=0), **QUIET)
     assert strict["threshold"] == 0.99 != tuned["threshold"] and strict["threshold_from"] == "match.threshold"
+    manifest = storage.read_json(f"{workdir}/index/all/clip/manifest.json")
+    assert tuned["ef"] == 32 and strict["ef"] == manifest["expansion_search"] == 128
     test = next(r for r in storage.read_json(f"{workdir}/match/metrics.json") if r["split"] == "test")
     assert test["threshold"] == 0.99 and test["recall"] < 20 and test["F1"] < 30
     assert strict["products_in_groups"] < 0.2 * tuned["products_in_groups"]
