@@ -142,6 +142,13 @@ class SearchResult:
     scores: np.ndarray  # (Q, k) float32 cosine similarity, -inf for padding
 
 
+def recorded_ef(manifest: dict) -> int:
+    """The HNSW ef a group's index was built to be searched with (its manifest), else the index default."""
+    from clipita.config import IndexConfig
+
+    return int(manifest.get("expansion_search") or IndexConfig.expansion_search)
+
+
 class ShardedIndex:
     """All shards of one group, checked against the manifest, searched by fan-out and merge. ``columns`` of the
     rows files are loaded as one Arrow table (``rows``) whose positions are what ``search`` returns."""

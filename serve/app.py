@@ -47,7 +47,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipita import storage
-from clipita.config import ConfigError, DataConfig, IndexConfig, section_from_dict
+from clipita.config import ConfigError, DataConfig, section_from_dict
+from clipita.index import recorded_ef
 from clipita.models import MODELS, REGISTRY, ROWS_GROUP
 from clipita.rankers import Queries
 from clipita.tree import SEP, SETTINGS
@@ -102,7 +103,7 @@ def recorded_search(cfg: ServeConfig) -> ServeConfig:
     rankings are the ones jobs.evaluate measured); an index built before they were recorded used the defaults."""
     manifest = storage.read_json(storage.join(group_dir(cfg.workdir, "all", ROWS_GROUP), "manifest.json"))
     return dataclasses.replace(
-        cfg, ef=cfg.ef or int(manifest.get("expansion_search", IndexConfig.expansion_search)),
+        cfg, ef=cfg.ef or recorded_ef(manifest),
         query_text=cfg.query_text or manifest.get("query_text", DataConfig.query_text))
 
 

@@ -46,7 +46,7 @@ from clipita.census import census
 from clipita.downstream import (category_vectors, flag_columns, leaves, parse_flags, shard_vectors, softmax,
                                 top_k)
 from clipita.features import labeler_for, load_tree, product_files, recorded_encoders
-from clipita.index import ShardedIndex, read_rows
+from clipita.index import ShardedIndex, read_rows, recorded_ef
 from clipita.models import DENSE, REGISTRY
 from clipita.runtime import Every
 from clipita.sources.synth import MISLABELED_FILE
@@ -165,7 +165,7 @@ def _classify_shard(workdir: str, groups: dict[str, str], shard: int, vectors: d
             p = softmax(s, T)
             own = np.where(true >= 0, (p * space.under[np.maximum(true, 0)]).sum(axis=1), 0.0)
             # probe: the nearest train-split listings vote (the product itself never)
-            found = index.search(v, probe_k + 1, ef=max(probe_k + 1, int(index.manifest.get("expansion_search", 128))))
+            found = index.search(v, probe_k + 1, ef=recorded_ef(index.manifest))  # search: ef >= k
             nb = found.rows
             ok = (nb >= 0) & (nb != (base + a + np.arange(b - a))[:, None])
             ok &= split[np.maximum(nb, 0)] == SPLITS["train"]

@@ -326,6 +326,7 @@ def run_match(workdir: str, cfg, log=print) -> dict:
     metrics.json / metrics.md. Returns the stats."""
     import ray
 
+    from clipita.index import recorded_ef
     from clipita.models import REGISTRY
     from clipita.stages.report import publish
 
@@ -353,7 +354,7 @@ def run_match(workdir: str, cfg, log=print) -> dict:
     parallel = min(mc.tasks or cpus, len(plan))
     threads = max(1, cpus // parallel)
     # HNSW ef of the walk: match.ef, or 0 for the index's own (what serving searches with)
-    ef = max(int(mc.ef or manifest.get("expansion_search") or 128), mc.k + 1)
+    ef = max(mc.ef or recorded_ef(manifest), mc.k + 1)
 
     source, files = group_source(workdir)
     lookup = group_lookup(files, cfg.data) if files else (np.zeros(0, np.int64), np.zeros(0, np.int64),
